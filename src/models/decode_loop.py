@@ -1,0 +1,249 @@
+"""The greedy early-exit decode loop over a HuggingFace T5 model's own modules.
+
+We own the loop instead of patching `generate`: each token runs decoder blocks one at a time, so
+it can stop after any of them. Attention is computed here over preallocated key/value buffers
+with the same kernel (SDPA, scale 1, relative position bias as additive mask) that T5 uses in
+transformers 5.x; layer norms and feed-forward layers are the model's own modules. With no exit
+the loop therefore reproduces HF's greedy `generate` token for token.
+
+Skipped blocks (state propagation): when a token exits at layer e, every block j > e still needs
+its key/value for that position. They are projected from the copied state h_e, lazily: only
+when a later token first reaches block j, in one batched projection for all pending positions.
+A block no token reaches again (static exit) is never projected at all.
+"""
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from models.confidence import meta_confidence, softmax_confidence, state_confidence
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """When a token leaves the decoder: resolved once per generate call from the flags."""
+
+    num_layers: int
+    last_layer: int  # static exit layer, or L
+    conf_type: Optional[str] = None  # None: no confidence is computed
+    threshold: float = 1.0
+    min_layer: int = 1
+    position_temp: Optional[float] = None
+
+    @classmethod
+    def from_args(cls, args, num_layers: int) -> "ExitPolicy":
+        if args.static_exit_layer is not None:
+            return cls(num_layers=num_layers, last_layer=args.static_exit_layer)
+        if not args.use_early_exit:
+            return cls(num_layers=num_layers, last_layer=num_layers)
+        return cls(
+            num_layers=num_layers,
+            last_layer=num_layers,
+            conf_type=args.exit_conf_type,
+            threshold=args.exit_conf_threshold,
+            min_layer=args.exit_min_layer or 1,
+            position_temp=args.exit_position_temp,
+        )
+
+    def checks(self, layer: int) -> bool:
+        """Whether confidence is computed after `layer` (1-based); never at the last layer."""
+        return self.conf_type is not None and self.min_layer <= layer < self.last_layer
+
+    def threshold_at(self, step: int, max_steps: int) -> float:
+        """lambda_t = 0.9 lambda + 0.1 lambda exp(-tau t / N) (CALM's position decay)."""
+        if self.position_temp is None:
+            return self.threshold
+        decay = math.exp(-self.position_temp * step / max(max_steps, 1))
+        return 0.9 * self.threshold + 0.1 * self.threshold * decay
+
+
+class ComponentTimer:
+    """Wall time per component. Synchronises only on devices whose kernels run asynchronously."""
+
+    def __init__(self, device: torch.device, synchronize: bool):
+        self.seconds = defaultdict(float)
+        self._sync = None
+        if synchronize and device.type == "cuda":
+            self._sync = torch.cuda.synchronize
+        elif synchronize and device.type == "mps":
+            self._sync = torch.mps.synchronize
+
+    def now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
+
+    def add(self, name: str, start: float) -> float:
+        end = self.now()
+        self.seconds[name] += end - start
+        return end
+
+
+def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
+    """T5's guard against inf in float16 activations, as HF's T5Block applies it."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    limit = torch.finfo(hidden.dtype).max
+    limit = torch.where(torch.isinf(hidden).any(), limit - 1000, limit)
+    return torch.clamp(hidden, min=-limit, max=limit)
+
+
+class SequenceDecoder:
+    """Greedy decoding of one sequence (batch 1) under an exit policy."""
+
+    def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int,
+                 lazy_propagation: bool = True):
+        self.model = model
+        self.policy = policy
+        self.timer = timer
+        self.max_new_tokens = max_new_tokens
+        self.lazy = lazy_propagation
+        decoder = model.decoder
+        self.blocks = decoder.block
+        self.final_norm = decoder.final_layer_norm
+        self.embed = decoder.embed_tokens
+        self.output_scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else None
+        config = model.config
+        self.num_heads, self.head_dim = config.num_heads, config.d_kv
+        param = model.lm_head.weight
+        self.device, self.dtype = param.device, self.blocks[0].layer[0].SelfAttention.q.weight.dtype
+
+        L, n = len(self.blocks), max_new_tokens
+        shape = (L, 1, self.num_heads, n, self.head_dim)
+        self.keys = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.values = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.filled = [0] * L  # positions whose key/value are valid, per block
+        self.exit_states = torch.empty((1, n, config.d_model), device=self.device, dtype=self.dtype)
+        self.cross = [None] * L  # per block: (keys, values) over the encoder output, made on first use
+        self.position_bias = (
+            self.blocks[0].layer[0].SelfAttention.compute_bias(n, n, device=self.device).to(self.dtype)
+        )
+
+    # ----- pieces of one block -----------------------------------------------------------
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _store_self_kv(self, j: int, normed: torch.Tensor, start: int) -> None:
+        attention = self.blocks[j].layer[0].SelfAttention
+        end = start + normed.shape[1]
+        self.keys[j, :, :, start:end] = self._split_heads(attention.k(normed))
+        self.values[j, :, :, start:end] = self._split_heads(attention.v(normed))
+        self.filled[j] = end
+
+    def _attend(self, attention, query_input, keys, values, mask):
+        query = self._split_heads(attention.q(query_input))
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
+        return attention.o(out.transpose(1, 2).reshape(1, -1, self.num_heads * self.head_dim))
+
+    def _cross_kv(self, j: int):
+        if self.cross[j] is None:
+            attention = self.blocks[j].layer[1].EncDecAttention
+            self.cross[j] = (self._split_heads(attention.k(self.encoder_states)),
+                             self._split_heads(attention.v(self.encoder_states)))
+        return self.cross[j]
+
+    def _block(self, j: int, hidden: torch.Tensor, t: int) -> torch.Tensor:
+        """Block j (0-based) on the token at position t, reading and extending the caches."""
+        self_layer, cross_layer, ff_layer = self.blocks[j].layer
+        normed = self_layer.layer_norm(hidden)
+        self._store_self_kv(j, normed, t)
+        hidden = hidden + self._attend(self_layer.SelfAttention, normed, self.keys[j, :, :, : t + 1],
+                                       self.values[j, :, :, : t + 1], self.position_bias[:, :, t : t + 1, : t + 1])
+        hidden = _clamp_fp16(hidden)
+        keys, values = self._cross_kv(j)
+        hidden = hidden + self._attend(cross_layer.EncDecAttention, cross_layer.layer_norm(hidden), keys, values,
+                                       self.cross_mask)
+        hidden = _clamp_fp16(hidden)
+        return _clamp_fp16(ff_layer(hidden))
+
+    def _propagate(self, j: int, upto: int) -> None:
+        """Give block j keys/values for positions filled[j]..upto-1 from their copied exit states."""
+        start = self.filled[j]
+        if start < upto:
+            normed = self.blocks[j].layer[0].layer_norm(self.exit_states[:, start:upto])
+            self._store_self_kv(j, normed, start)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """z = W s(norm(h)): exactly the model's own output head."""
+        normed = self.final_norm(hidden)
+        if self.output_scale is not None:
+            normed = normed * self.output_scale
+        return self.model.lm_head(normed)
+
+    def _confidence(self, hidden, previous):
+        """(confidence, logits if they were needed for it)."""
+        kind = self.policy.conf_type
+        if kind == "softmax":
+            logits = self.logits(hidden)
+            return softmax_confidence(logits), logits
+        if kind == "meta":
+            return meta_confidence(self.model.cm_head, self.final_norm(hidden)), None
+        if kind == "state":
+            return state_confidence(hidden, previous), None
+        raise ValueError(f"exit_conf_type={kind!r} is not supported by the decode loop.")
+
+    # ----- the loop ------------------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor, start_token: int, eos_ids: set):
+        """Decode input_ids (1, S). Returns (tokens with the start token, exit layer per token)."""
+        timer, policy = self.timer, self.policy
+        mark = timer.now()
+        self.encoder_states = self.model.encoder(input_ids=input_ids).last_hidden_state
+        self.cross_mask = torch.zeros((1, self.num_heads, 1, input_ids.shape[1]), device=self.device, dtype=self.dtype)
+        mark = timer.add("encoder", mark)
+
+        tokens, exit_layers = [start_token], []
+        token = torch.tensor([[start_token]], device=self.device)
+        for t in range(self.max_new_tokens):
+            threshold = policy.threshold_at(t, self.max_new_tokens)
+            hidden = self.embed(token)
+            previous, logits, exit_layer = hidden, None, policy.last_layer
+            for j in range(policy.last_layer):
+                if self.filled[j] < t:
+                    mark = timer.now()
+                    self._propagate(j, t)
+                    timer.add("propagation", mark)
+                mark = timer.now()
+                previous, hidden = hidden, self._block(j, hidden, t)
+                mark = timer.add("blocks", mark)
+                if policy.checks(j + 1):
+                    confidence, logits = self._confidence(hidden, previous)
+                    exits = confidence.item() > threshold
+                    mark = timer.add("confidence", mark)
+                    if exits:
+                        exit_layer = j + 1
+                        break
+                    logits = None
+            mark = timer.now()
+            if exit_layer < policy.num_layers:
+                self.exit_states[:, t] = hidden[:, 0]
+                if not self.lazy:
+                    for j in range(exit_layer, policy.num_layers):
+                        self._propagate(j, t + 1)
+            if logits is None:
+                logits = self.logits(hidden)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            next_id = int(token.item())
+            timer.add("head", mark)
+            tokens.append(next_id)
+            exit_layers.append(exit_layer)
+            if next_id in eos_ids:
+                break
+        return tokens, exit_layers
+
+
+def summarise_exits(exit_layers: List[int], num_layers: int) -> dict:
+    """block_avg, block_op (tokens that ran each block) and the histogram of exit layers."""
+    count = len(exit_layers)
+    block_op = [sum(1 for e in exit_layers if e >= layer) for layer in range(1, num_layers + 1)]
+    histogram = [sum(1 for e in exit_layers if e == layer) for layer in range(1, num_layers + 1)]
+    return {
+        "tokens": count,
+        "block_avg": (sum(exit_layers) / count) if count else 0.0,
+        "block_op": block_op,
+        "exit_layer_counts": histogram,
+    }

@@ -1,0 +1,126 @@
+"""T5 for deployment: HF's T5ForConditionalGeneration with an early-exit greedy `generate`.
+
+    from models.deploying_t5 import DeployT5ForConditionalGeneration
+    from util.additional_args import AdditionalArguments, update_autoconfig
+
+    config = update_autoconfig(AutoConfig.from_pretrained(path), AdditionalArguments(...))
+    model = DeployT5ForConditionalGeneration.from_pretrained(path, config=config)
+    ids = model.generate(input_ids=..., attention_mask=..., max_new_tokens=64)
+    model.exit_stats()  # block_avg, block_op, tokens, exit layers, wall time per component
+
+The flags are read from `model.config` at every call, so changing them (through
+`update_autoconfig`) takes effect on the next `generate`.
+"""
+
+import time
+from typing import Optional
+
+import torch
+from transformers import T5ForConditionalGeneration
+
+from models.confidence import build_meta_head
+from models.decode_loop import ComponentTimer, ExitPolicy, SequenceDecoder, summarise_exits
+from util.additional_args import AdditionalArguments, validate_additional_args
+
+TIMED_COMPONENTS = ("encoder", "blocks", "confidence", "head", "propagation")
+
+
+def _uses_meta_head(config) -> bool:
+    return (
+        getattr(config, "exit_conf_type", None) == "meta"
+        or getattr(config, "shallow2deep_conf_type", None) == "meta"
+        or bool(getattr(config, "train_meta_cm_head", False))
+    )
+
+
+class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
+    def __init__(self, config):
+        super().__init__(config)
+        if _uses_meta_head(config):
+            self.cm_head = build_meta_head(config.d_model)
+        self._exit_stats = {}
+
+    def exit_args(self) -> AdditionalArguments:
+        """The validated flags this model decodes with now."""
+        args = AdditionalArguments.from_config(self.config)
+        validate_additional_args(args, self.config.num_decoder_layers)
+        if _uses_meta_head(args) and getattr(self, "cm_head", None) is None:
+            raise ValueError("exit_conf_type='meta' needs the meta head: build the model with that flag in its config.")
+        return args
+
+    def _max_new_tokens(self, max_new_tokens: Optional[int], max_length: Optional[int]) -> int:
+        if max_new_tokens is None:
+            # like HF: max_length counts the decoder start token
+            max_length = max_length if max_length is not None else self.generation_config.max_length or 20
+            max_new_tokens = max_length - 1
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
+        return max_new_tokens
+
+    def _special_tokens(self):
+        gen, cfg = self.generation_config, self.config
+        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
+        if start is None:
+            start = cfg.pad_token_id
+        pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
+        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        return int(start), int(pad if pad is not None else 0), eos_ids
+
+    @torch.inference_mode()
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None,
+                 do_sample=False, num_beams=1, lazy_propagation=True, **unsupported):
+        """Greedy decoding with the configured exit policy; returns ids as HF's generate does.
+
+        Each row of a batch is decoded on its own, without its padding, so that it is decoded
+        exactly as it would be alone. `lazy_propagation=False` fills skipped blocks' caches at
+        once instead of on first use (same result; kept to test that claim).
+        """
+        if unsupported:
+            raise ValueError(f"generate() does greedy decoding only; unsupported arguments: {sorted(unsupported)}.")
+        if do_sample or num_beams != 1:
+            raise ValueError("generate() does greedy decoding only: do_sample must be False and num_beams 1.")
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be a non-empty (batch, length) tensor.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}.")
+        args = self.exit_args()
+        steps = self._max_new_tokens(max_new_tokens, max_length)
+        start, pad, eos_ids = self._special_tokens()
+        num_layers = self.config.num_decoder_layers
+        policy = ExitPolicy.from_args(args, num_layers)
+        timer = ComponentTimer(self.device, args.use_synchronize)
+        if self.training:
+            raise ValueError("generate() needs the model in eval mode (call model.eval()): dropout would change outputs.")
+
+        began = timer.now()
+        input_ids = input_ids.to(self.device)
+        rows, all_exits = [], []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b : b + 1]
+            if attention_mask is not None:
+                ids = ids[:, attention_mask[b].to(self.device).bool()]
+                if ids.shape[1] == 0:
+                    raise ValueError(f"row {b} of attention_mask masks every input token.")
+            decoder = SequenceDecoder(self, policy, timer, steps, lazy_propagation)
+            tokens, exits = decoder.run(ids, start, eos_ids)
+            rows.append(tokens)
+            all_exits.append(exits)
+        total = timer.now() - began
+
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+        for b, tokens in enumerate(rows):
+            out[b, : len(tokens)] = torch.tensor(tokens, device=self.device)
+
+        stats = summarise_exits([e for exits in all_exits for e in exits], num_layers)
+        stats["exit_layers"] = all_exits
+        stats["time_total"] = total
+        for name in TIMED_COMPONENTS:
+            stats[f"time_{name}"] = timer.seconds.get(name, 0.0)
+        self._exit_stats = stats
+        return out
+
+    def exit_stats(self) -> dict:
+        """Statistics of the last generate call."""
+        return dict(self._exit_stats)

@@ -1,0 +1,203 @@
+"""Every flag of the toolkit, and their validation.
+
+`AdditionalArguments` keeps the names and defaults users know from FREE and the fork;
+`update_autoconfig` copies them into a model config after checking them, so that a bad value
+or combination fails with a clear `ValueError` before any model is loaded or any work starts.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+# Confidence measures the decode loop understands. Contrastive ones are added by their issue.
+CONFIDENCE_TYPES = ("softmax", "meta", "state")
+PLANNED_CONFIDENCE_TYPES = (
+    "contrastive_decoding",
+    "reweight_contrastive_decoding",
+    "JSD_contrastive_confidence",
+)
+VOCAB_REDUCTION_TYPES = ("fixed", "decaying", "adaptive")
+INTERMEDIATE_LOSSES = (
+    "ce",
+    "weighted_ce",
+    "shallowdeep_ce",
+    "shallowdeep_kd_last",
+    "shallowdeep_kd_unif",
+    "shallowdeep_kd_dyna",
+)
+
+
+def _flag(default, help_text):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class AdditionalArguments:
+    """Arguments for early-exit decoding of encoder-decoder models."""
+
+    # deployment
+    deploy_scenario: bool = _flag(False, "Evaluate one sample at a time with the early-exit decode loop, measuring speed.")
+    use_synchronize: bool = _flag(True, "Synchronise the accelerator around timed components (ignored on CPU, which needs none).")
+
+    # training intermediate layers
+    output_hidden_states_decoder: bool = _flag(False, "Output every decoder layer's hidden state, to train intermediate exits.")
+    intermediate_loss_fn: Optional[str] = _flag(None, f"Loss on intermediate layers: one of {', '.join(INTERMEDIATE_LOSSES)}.")
+    distill_layer_alpha: Optional[float] = _flag(None, "Interpolation between cross-entropy and KL distillation, in [0, 1].")
+    do_layer_transformation: bool = _flag(False, "Transform the shallow decoder's hidden states before distillation.")
+
+    # static exit
+    static_exit_layer: Optional[int] = _flag(None, "Every token leaves after this decoder block (1..L).")
+
+    # CALM-style early exit
+    use_early_exit: bool = _flag(False, "Let each token exit at the first confident decoder layer.")
+    exit_conf_type: Optional[str] = _flag(None, f"Confidence measure: one of {', '.join(CONFIDENCE_TYPES + PLANNED_CONFIDENCE_TYPES)}.")
+    exit_conf_threshold: float = _flag(1.0, "A token exits when its confidence is above this value, in [0, 1]; 1 means never.")
+    exit_position_temp: Optional[float] = _flag(None, "Temperature of the position-decaying threshold (>= 0); None keeps it constant.")
+    exit_min_layer: Optional[int] = _flag(None, "First layer at which confidence is computed (1..L-1); None means 1.")
+    train_meta_cm_head: bool = _flag(False, "Train the meta confidence head against agreement with the last layer.")
+
+    # FREE shallow-deep
+    use_shallow_deep: bool = _flag(False, "Use FREE's shallow-deep module with synchronised parallel decoding.")
+    shallow_exit_layer: Optional[int] = _flag(None, "Number of blocks of the shallow decoder (1..L-1).")
+    shallow2deep_conf_type: Optional[str] = _flag(None, "Confidence measure deciding between the shallow and the deep path.")
+    shallow2deep_conf_threshold: float = _flag(1.0, "A token exits at the shallow layer when its confidence is above this value.")
+    parallel_gen_token: bool = _flag(True, "Run skipped tokens through the deep layers in parallel with the next deep token.")
+    copy_skipped_hidden_states: bool = _flag(False, "Fill skipped tokens' deep caches from copied shallow states instead.")
+    rollback_conf_threshold: Optional[float] = _flag(None, "Cross-entropy above which a shallow token is replaced by the deep one.")
+    parallel_causal_mask: bool = _flag(True, "Use a causal mask in the parallel deep pass.")
+    use_adapt_threshold: bool = _flag(False, "Estimate the shallow threshold on the fly with a Beta mixture.")
+
+    # LoRA
+    use_lora: bool = _flag(False, "Fine-tune with low-rank adapters (peft).")
+    lora_rank: int = _flag(8, "Rank of the LoRA adapters (> 0).")
+    lora_alpha: float = _flag(8, "LoRA scaling alpha (> 0).")
+    lora_dropout: float = _flag(0.1, "Dropout of the LoRA adapters, in [0, 1).")
+    lora_target_modules: Optional[List[str]] = _flag(None, "Module names that receive adapters.")
+
+    # the fork's additions
+    type_vocab_reduct: Optional[str] = _flag(None, f"Reduce the LM head inside the decode loop: one of {', '.join(VOCAB_REDUCTION_TYPES)}.")
+    vocab_k_max: int = _flag(35000, "k_max of the vocabulary-size schedule.")
+    vocab_k_min: int = _flag(250, "k_min of the vocabulary-size schedule.")
+    vocab_adaptive_scale: float = _flag(0.9, "beta of adaptive reduction, in (0, 1].")
+    cd_alpha: float = _flag(0.1, "Plausibility alpha of the contrastive measures, in (0, 1].")
+    plotting_logits: bool = _flag(False, "Record per-layer ranks, confidences and agreement, and plot them.")
+    count_flops: bool = _flag(False, "Count FLOPs of blocks, confidence and encoder per generate call.")
+    render_jsds: bool = _flag(False, "Record the discounted JSD of every candidate amateur layer per token.")
+
+    @classmethod
+    def from_config(cls, config):
+        """The flags a config carries, with the defaults for those it lacks."""
+        defaults = cls()
+        return cls(**{f.name: getattr(config, f.name, getattr(defaults, f.name)) for f in fields(cls)})
+
+
+# Flags (with the value that switches them on) whose feature is not built yet: rejected, never
+# silently ignored. Each entry leaves this table when its feature lands.
+_NOT_IMPLEMENTED = {
+    "intermediate_loss_fn": lambda a: a.intermediate_loss_fn is not None,
+    "train_meta_cm_head": lambda a: a.train_meta_cm_head,
+    "use_shallow_deep": lambda a: a.use_shallow_deep,
+    "use_adapt_threshold": lambda a: a.use_adapt_threshold,
+    "rollback_conf_threshold": lambda a: a.rollback_conf_threshold is not None,
+    "use_lora": lambda a: a.use_lora,
+    "type_vocab_reduct": lambda a: a.type_vocab_reduct is not None,
+    "plotting_logits": lambda a: a.plotting_logits,
+    "count_flops": lambda a: a.count_flops,
+    "render_jsds": lambda a: a.render_jsds,
+}
+
+
+def _check_layer(name, value, low, high):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is outside the allowed layers {low}..{high} of this decoder.")
+
+
+def _check_range(name, value, low, high, low_open=False, high_open=False):
+    if value is None:
+        return
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo_ok and hi_ok):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} must lie in {interval}.")
+
+
+def _check_conf_type(name, value):
+    allowed = CONFIDENCE_TYPES + PLANNED_CONFIDENCE_TYPES
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}.")
+    if value in PLANNED_CONFIDENCE_TYPES:
+        raise ValueError(f"{name}={value!r} is not implemented yet.")
+
+
+def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int) -> None:
+    """Raise ValueError, naming the flag(s), for any invalid value or combination."""
+    L = num_decoder_layers
+    _check_layer("static_exit_layer", args.static_exit_layer, 1, L)
+    _check_layer("exit_min_layer", args.exit_min_layer, 1, L - 1)
+    _check_layer("shallow_exit_layer", args.shallow_exit_layer, 1, L - 1)
+    _check_range("exit_conf_threshold", args.exit_conf_threshold, 0, 1)
+    _check_range("shallow2deep_conf_threshold", args.shallow2deep_conf_threshold, 0, 1)
+    _check_range("exit_position_temp", args.exit_position_temp, 0, float("inf"))
+    _check_range("rollback_conf_threshold", args.rollback_conf_threshold, 0, float("inf"))
+    _check_range("distill_layer_alpha", args.distill_layer_alpha, 0, 1)
+    _check_range("lora_dropout", args.lora_dropout, 0, 1, high_open=True)
+    _check_range("lora_alpha", args.lora_alpha, 0, float("inf"), low_open=True)
+    _check_range("vocab_adaptive_scale", args.vocab_adaptive_scale, 0, 1, low_open=True)
+    _check_range("cd_alpha", args.cd_alpha, 0, 1, low_open=True)
+    for name in ("lora_rank", "vocab_k_max", "vocab_k_min"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if args.vocab_k_min > args.vocab_k_max:
+        raise ValueError(f"vocab_k_min={args.vocab_k_min} must not exceed vocab_k_max={args.vocab_k_max}.")
+
+    if args.use_early_exit:
+        if args.exit_conf_type is None:
+            raise ValueError("use_early_exit needs exit_conf_type; allowed values: " + ", ".join(CONFIDENCE_TYPES) + ".")
+        _check_conf_type("exit_conf_type", args.exit_conf_type)
+        if args.use_shallow_deep:
+            raise ValueError("use_early_exit and use_shallow_deep are exclusive: choose one exit policy.")
+    elif args.exit_min_layer is not None or args.exit_position_temp is not None:
+        raise ValueError("exit_min_layer and exit_position_temp only act with use_early_exit=True.")
+    if args.static_exit_layer is not None and (args.use_early_exit or args.use_shallow_deep):
+        raise ValueError("static_exit_layer cannot be combined with use_early_exit or use_shallow_deep.")
+    if args.use_shallow_deep:
+        if args.shallow_exit_layer is None:
+            raise ValueError("use_shallow_deep needs shallow_exit_layer (1..L-1).")
+        if args.shallow2deep_conf_type is None:
+            raise ValueError("use_shallow_deep needs shallow2deep_conf_type.")
+        _check_conf_type("shallow2deep_conf_type", args.shallow2deep_conf_type)
+    if not args.parallel_causal_mask and (args.copy_skipped_hidden_states or args.rollback_conf_threshold is not None):
+        raise ValueError("parallel_causal_mask=False cannot be combined with copy_skipped_hidden_states or rollback_conf_threshold.")
+    if args.rollback_conf_threshold is not None and args.copy_skipped_hidden_states:
+        raise ValueError("rollback_conf_threshold cannot be combined with copy_skipped_hidden_states.")
+    if args.intermediate_loss_fn is not None:
+        if args.intermediate_loss_fn not in INTERMEDIATE_LOSSES:
+            raise ValueError(f"intermediate_loss_fn={args.intermediate_loss_fn!r} is unknown; allowed values: {', '.join(INTERMEDIATE_LOSSES)}.")
+        if not args.output_hidden_states_decoder:
+            raise ValueError("intermediate_loss_fn needs output_hidden_states_decoder=True.")
+    if args.train_meta_cm_head:
+        if not args.output_hidden_states_decoder:
+            raise ValueError("train_meta_cm_head needs output_hidden_states_decoder=True.")
+        if args.intermediate_loss_fn is not None:
+            raise ValueError("train_meta_cm_head trains the meta head alone: leave intermediate_loss_fn unset.")
+    if args.type_vocab_reduct is not None:
+        if args.type_vocab_reduct not in VOCAB_REDUCTION_TYPES:
+            raise ValueError(f"type_vocab_reduct={args.type_vocab_reduct!r} is unknown; allowed values: {', '.join(VOCAB_REDUCTION_TYPES)}.")
+        if not (args.use_early_exit or args.use_shallow_deep):
+            raise ValueError("type_vocab_reduct needs a confidence-based exit: set use_early_exit or use_shallow_deep.")
+    for name, is_on in _NOT_IMPLEMENTED.items():
+        if is_on(args):
+            raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
+
+
+def update_autoconfig(config, additional_args: AdditionalArguments, **kwargs):
+    """Validate the flags against the model's depth and copy them, and kwargs, into `config`."""
+    validate_additional_args(additional_args, config.num_decoder_layers)
+    for f in fields(AdditionalArguments):
+        setattr(config, f.name, getattr(additional_args, f.name))
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    return config
