@@ -84,6 +84,14 @@ class ComponentTimer:
         return end
 
 
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """z = W s(norm(h)): the model's own output head (final norm, T5's output scaling, LM head)."""
+    normed = model.decoder.final_layer_norm(hidden)
+    if model.config.scale_decoder_outputs:
+        normed = normed * model.model_dim ** -0.5
+    return model.lm_head(normed)
+
+
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
     """T5's guard against inf in float16 activations, as HF's T5Block applies it."""
     if hidden.dtype != torch.float16:
@@ -107,7 +115,6 @@ class SequenceDecoder:
         self.blocks = decoder.block
         self.final_norm = decoder.final_layer_norm
         self.embed = decoder.embed_tokens
-        self.output_scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else None
         config = model.config
         self.num_heads, self.head_dim = config.num_heads, config.d_kv
         param = model.lm_head.weight
@@ -169,11 +176,7 @@ class SequenceDecoder:
             self._store_self_kv(j, normed, start)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """z = W s(norm(h)): exactly the model's own output head."""
-        normed = self.final_norm(hidden)
-        if self.output_scale is not None:
-            normed = normed * self.output_scale
-        return self.model.lm_head(normed)
+        return output_logits(self.model, hidden)
 
     def _confidence(self, hidden, previous):
         """(confidence, logits if they were needed for it)."""
