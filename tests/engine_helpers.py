@@ -11,8 +11,8 @@ from models.confidence import meta_confidence, softmax_confidence, state_confide
 from models.decode_loop import output_logits
 from models.deploying_t5 import DeployT5ForConditionalGeneration
 from util.additional_args import AdditionalArguments, update_autoconfig
+from util.copy_task import EOS, PAD, copy_config, train_copy_model  # noqa: F401  (re-exported)
 
-PAD, EOS = 0, 1
 
 
 def tiny_config(**overrides) -> T5Config:
@@ -107,31 +107,3 @@ def threshold_rule(model, conf_type, threshold, min_layer=1):
         return confidence.item() > threshold
 
     return rule
-
-
-def copy_batch(generator, batch, length, vocab):
-    """Copy task: the target is the source followed by EOS."""
-    source = torch.randint(2, vocab, (batch, length), generator=generator)
-    labels = torch.cat([source, torch.full((batch, 1), EOS)], dim=1)
-    return source, labels
-
-
-def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0):
-    """A few seconds of training on a copy task with a loss on every decoder layer's output,
-    so that intermediate layers become confident on some tokens and not on others."""
-    torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        source, labels = copy_batch(generator, 32, 8, config.vocab_size)
-        out = model(input_ids=source, labels=labels, output_hidden_states=True)
-        loss = out.loss
-        for hidden in out.decoder_hidden_states[1:-1]:
-            logits = output_logits(model, hidden)
-            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model.eval()

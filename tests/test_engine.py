@@ -5,6 +5,7 @@ import torch
 
 from engine_helpers import (
     EOS,
+    copy_config,
     deploy_model,
     hf_greedy_without_cache,
     hf_twin,
@@ -30,7 +31,7 @@ def random_inputs(seed, count=4, length=7, vocab=64):
 @pytest.fixture(scope="module")
 def copy_model():
     """Trained for a few seconds: decoder of 4 blocks over an encoder of 2."""
-    config = tiny_config(vocab_size=32, d_model=64, d_ff=128, num_layers=2, num_decoder_layers=4)
+    config = copy_config()
     trained = train_copy_model(config)
     model = deploy_model(trained.config)
     model.load_state_dict(trained.state_dict())

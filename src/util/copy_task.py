@@ -1,0 +1,45 @@
+"""A copy task and a tiny T5 trained on it in seconds: the smallest model on which early exit
+does something real (some tokens are easy for shallow layers, others are not)."""
+
+import torch
+import torch.nn.functional as F
+from transformers import T5Config, T5ForConditionalGeneration
+
+from models.decode_loop import output_logits
+
+PAD, EOS = 0, 1
+
+
+def copy_config(**overrides) -> T5Config:
+    settings = dict(vocab_size=32, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_decoder_layers=4,
+                    num_heads=4, dropout_rate=0.0, decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+    settings.update(overrides)
+    return T5Config(**settings)
+
+
+def copy_batch(generator: torch.Generator, batch: int, length: int, vocab: int):
+    """Random sources; the target is the source followed by EOS."""
+    source = torch.randint(2, vocab, (batch, length), generator=generator)
+    labels = torch.cat([source, torch.full((batch, 1), EOS)], dim=1)
+    return source, labels
+
+
+def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 8):
+    """Train with the loss of every decoder layer's output (each through the model's own head),
+    so that intermediate layers become confident on some tokens and not on others."""
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        source, labels = copy_batch(generator, 32, length, config.vocab_size)
+        out = model(input_ids=source, labels=labels, output_hidden_states=True)
+        loss = out.loss
+        # decoder_hidden_states: embeddings, blocks 1..L-1 raw, block L after the final norm
+        for hidden in out.decoder_hidden_states[1:-1]:
+            loss = loss + F.cross_entropy(output_logits(model, hidden).flatten(0, 1), labels.flatten())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
