@@ -1,0 +1,13 @@
+"""Train and evaluate T5 with early-exit decoding on summarization (HF example-script conventions).
+
+    python src/run_summarization.py --model_name_or_path MODEL --output_dir DIR --do_eval ...
+    python src/run_summarization.py args.json
+
+See scripts/ for complete runs and docs/tasks_readme_section.md for the options.
+"""
+
+from tasks.adapters import Summarization
+from tasks.runner import main
+
+if __name__ == "__main__":
+    main(Summarization())

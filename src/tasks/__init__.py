@@ -1,0 +1,1 @@
+"""Shared pipeline of the question answering, summarization and translation scripts."""

@@ -1,0 +1,367 @@
+"""The shared pipeline of the task scripts: check inputs, train, evaluate, write results.
+
+    results = run(Summarization(), ["--model_name_or_path", path, "--do_eval", ...])
+
+Order matters: every check of arguments, output directory, tokenizer, config, flags and data
+happens before the model is loaded, so bad input fails in seconds with a clear message.
+Training uses HF's Seq2SeqTrainer; evaluation is our own loop: batched HF `generate` for
+quality, or (`--deploy_scenario True`) the early-exit decoder one sample at a time, which also
+reports speed and exit statistics.
+"""
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
+                          T5ForConditionalGeneration, set_seed)
+
+from models.deploying_t5 import DeployT5ForConditionalGeneration
+from tasks.arguments import parse_arguments
+from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
+from util.additional_args import update_autoconfig
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# flags that change how tokens are decoded: only the deploy decoder honours them
+DECODING_FLAGS = ("static_exit_layer", "use_early_exit", "use_shallow_deep", "type_vocab_reduct", "count_flops")
+# split -> prefix of its metric names and result files (HF's convention)
+SPLIT_PREFIX = {"train": "train", "validation": "eval", "test": "predict"}
+CONFIG_FILE = "run_config.json"
+ALL_RESULTS_FILE = "all_results.json"
+
+
+def model_class(training: bool, deploy: bool):
+    """The model class of each stage, chosen here only (a later issue swaps the training one)."""
+    if training:
+        return T5ForConditionalGeneration
+    return DeployT5ForConditionalGeneration if deploy else T5ForConditionalGeneration
+
+
+# ----- checks ----------------------------------------------------------------------------------
+def check_run_arguments(training_args, additional_args) -> None:
+    beams = training_args.generation_num_beams
+    if additional_args.deploy_scenario and beams not in (None, 1):
+        raise ValueError(f"--deploy_scenario decodes greedily: --generation_num_beams={beams} must be 1.")
+    if not additional_args.deploy_scenario:
+        for flag in DECODING_FLAGS:
+            if getattr(additional_args, flag) not in (None, False):
+                raise ValueError(f"--{flag} changes decoding, which only --deploy_scenario True does; "
+                                 "batched evaluation runs the full model.")
+    if training_args.eval_strategy != "no":
+        raise ValueError("--eval_strategy must stay 'no': evaluation runs after training, with --do_eval.")
+
+
+def run_files(output_dir: str) -> List[str]:
+    """Files a run writes into output_dir (results, predictions, configuration)."""
+    names = [CONFIG_FILE, ALL_RESULTS_FILE]
+    for prefix in SPLIT_PREFIX.values():
+        names += [f"{prefix}_results.json", f"{prefix}_predictions.jsonl"]
+    return [os.path.join(output_dir, n) for n in names]
+
+
+def check_output_dir(output_dir: Optional[str], overwrite: bool) -> None:
+    """Refuse an output_dir that holds anything (another run's results?) unless --overwrite_output_dir."""
+    if not output_dir:
+        raise ValueError("--output_dir is required: results, predictions and the configuration go there.")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file, not a directory.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(f"--output_dir {output_dir} is not empty: it may hold another run's results. "
+                         "Choose a new directory or pass --overwrite_output_dir.")
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create output_dir, removing an earlier run's result files so none is mixed with the new ones."""
+    for path in run_files(output_dir):
+        if os.path.isfile(path):
+            os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def _hub_advice(arg: str, source: str, what: str, error: Exception) -> str:
+    where = "a local directory" if os.path.isdir(source) else "not a local directory, and"
+    return (f"{arg} {source}: {where} the {what} could not be loaded ({type(error).__name__}: {error}). "
+            "Without network access to the HuggingFace Hub, pass a local directory.")
+
+
+def load_tokenizer(model_args):
+    arg = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{arg} {source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the model's "
+                         "tokenizer files there or pass --tokenizer_name with a directory that has them.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
+    except Exception as error:  # transformers raises OSError, ValueError or Hub errors alike
+        raise ValueError(_hub_advice(arg, source, "tokenizer", error)) from error
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
+    return tokenizer
+
+
+def load_config(model_args, tokenizer, additional_args):
+    """The model config, checked against the tokenizer, with the method flags validated into it."""
+    model_path = model_args.model_name_or_path
+    if os.path.isdir(model_path) and not any(os.path.isfile(os.path.join(model_path, f)) for f in WEIGHT_FILES):
+        raise ValueError(f"--model_name_or_path {model_path} holds no model weights ({', '.join(WEIGHT_FILES)}).")
+    arg = "--config_name" if model_args.config_name else "--model_name_or_path"
+    source = model_args.config_name or model_path
+    try:
+        config = AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
+    except Exception as error:
+        raise ValueError(_hub_advice(arg, source, "config", error)) from error
+    if config.model_type != "t5":
+        raise ValueError(f"{arg} {source} is a '{config.model_type}' model; these scripts run T5 models.")
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}: "
+                         "they do not belong together (check --tokenizer_name).")
+    return update_autoconfig(config, additional_args)
+
+
+# ----- model inputs ------------------------------------------------------------------------------
+def _rows(batch: Dict[str, list]) -> List[dict]:
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def training_features(task, dataset, tokenizer, data_args, num_workers=None):
+    """Tokenised inputs and labels of the training split."""
+    source_length, target_length, _ = task.lengths(data_args)
+
+    def encode(batch):
+        rows = _rows(batch)
+        features = tokenizer([task.source_text(r, data_args) for r in rows], max_length=source_length, truncation=True)
+        targets = tokenizer(text_target=[task.target_text(r, data_args) for r in rows],
+                            max_length=target_length, truncation=True)
+        features["labels"] = targets["input_ids"]
+        return features
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_workers,
+                       desc="Tokenising the training split")
+
+
+# ----- training -------------------------------------------------------------------------------------
+def train(task, model_args, data_args, training_args, config, tokenizer, raw_split) -> dict:
+    """Fine-tune, save model and tokenizer to output_dir, return the train_* metrics."""
+    model = model_class(training=True, deploy=False).from_pretrained(
+        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
+    features = training_features(task, raw_split.dataset, tokenizer, data_args, data_args.preprocessing_num_workers)
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=features,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # model, config (with the flags) and tokenizer
+    metrics = dict(result.metrics)
+    metrics["train_samples"] = len(features)
+    return metrics
+
+
+# ----- evaluation -------------------------------------------------------------------------------------
+class ExitStatsTotals:
+    """Sums the deploy model's per-call exit_stats over samples."""
+
+    def __init__(self):
+        self.samples = 0
+        self.tokens = 0
+        self.weighted_blocks = 0.0
+        self.block_op: List[int] = []
+        self.exit_layer_counts: List[int] = []
+        self.sums = defaultdict(float)  # time_* and flops_* figures
+
+    def add(self, stats: dict) -> None:
+        self.samples += 1
+        self.tokens += stats["tokens"]
+        self.weighted_blocks += stats["block_avg"] * stats["tokens"]  # block_avg is per token
+        self.block_op = _add_lists(self.block_op, stats["block_op"])
+        self.exit_layer_counts = _add_lists(self.exit_layer_counts, stats["exit_layer_counts"])
+        for key, value in stats.items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and (key.startswith("time_") or key.startswith("flops_")):
+                self.sums[key] += value
+
+    def metrics(self) -> dict:
+        out = {
+            "block_avg": self.weighted_blocks / self.tokens if self.tokens else 0.0,
+            "block_op": self.block_op,
+            "exit_layer_counts": self.exit_layer_counts,
+            "tokens": self.tokens,
+        }
+        for key, total in sorted(self.sums.items()):
+            out[key] = total
+            if key.startswith("flops_"):
+                out[f"{key}_per_sample"] = total / self.samples if self.samples else 0.0
+        return out
+
+
+def _add_lists(total: List[int], more: List[int]) -> List[int]:
+    if not total:
+        return list(more)
+    if len(total) != len(more):
+        raise ValueError(f"per-layer statistics changed length ({len(total)} then {len(more)}).")
+    return [a + b for a, b in zip(total, more)]
+
+
+def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
+    cls = model_class(training=False, deploy=deploy)
+    model = cls.from_pretrained(model_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
+    return model.to(device).eval()
+
+
+def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
+                         num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
+                         show_progress: bool = True):
+    """(texts, generated lengths, exit layers per sample or None) for every source, in order.
+
+    With `stats`, each call's exit_stats are collected (the deploy model, batch size 1).
+    A failing generate call stops the run: a missing prediction is never scored as an answer.
+    """
+    texts, lengths, exits = [], [], []
+    for start in tqdm(range(0, len(sources), batch_size), desc="Generating", unit="batch", disable=not show_progress):
+        batch = tokenizer(sources[start : start + batch_size], max_length=source_length, truncation=True,
+                          padding=True, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        if stats is not None:
+            call = model.exit_stats()
+            stats.add(call)
+            exits.extend(call["exit_layers"])
+        texts.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
+        lengths.extend(int(n) for n in (ids != tokenizer.pad_token_id).sum(dim=1))  # as HF's gen_len
+    return texts, lengths, (exits if stats is not None else None)
+
+
+def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, data_args, training_args,
+                   additional_args) -> Tuple[dict, List[dict]]:
+    """Metrics (without prefix) and prediction records of one split."""
+    deploy = additional_args.deploy_scenario
+    source_length, _, generated_length = task.lengths(data_args)
+    rows = list(raw_split.dataset)
+    sources = [task.source_text(r, data_args) for r in rows]
+    stats = ExitStatsTotals() if deploy else None
+    began = time.perf_counter()
+    texts, lengths, exits = generate_predictions(
+        model, tokenizer, sources, source_length,
+        max_new_tokens=training_args.generation_max_length or generated_length,
+        num_beams=training_args.generation_num_beams or 1,
+        batch_size=1 if deploy else training_args.per_device_eval_batch_size,
+        stats=stats,
+        show_progress=not training_args.disable_tqdm,
+    )
+    runtime = time.perf_counter() - began
+
+    references = [task.references(r, data_args) for r in rows] if with_references else None
+    metrics = task.compute_metrics(texts, references) if with_references else {}
+    metrics["gen_len"] = sum(lengths) / len(lengths)
+    metrics["samples"] = len(rows)
+    metrics["runtime"] = runtime
+    metrics["samples_per_second"] = len(rows) / runtime
+    if stats is not None:
+        metrics.update(stats.metrics())
+        metrics["tokens_per_second"] = stats.tokens / runtime
+
+    records = []
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        record = {"index": i, "id": row.get("id"), "prediction": text}
+        if references is not None:
+            record["references"] = references[i]
+        if exits is not None:
+            record["exit_layers"] = exits[i]
+        records.append(record)
+    return metrics, records
+
+
+# ----- results ---------------------------------------------------------------------------------------
+def _write_json(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def save_results(output_dir: str, prefix: str, metrics: dict, records: Optional[List[dict]] = None) -> dict:
+    """Write {prefix}_results.json (and predictions), merge into all_results.json; return the prefixed metrics."""
+    prefixed = {f"{prefix}_{k}" if not k.startswith(prefix + "_") else k: v for k, v in metrics.items()}
+    _write_json(os.path.join(output_dir, f"{prefix}_results.json"), prefixed)
+    if records is not None:
+        with open(os.path.join(output_dir, f"{prefix}_predictions.jsonl"), "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    all_path = os.path.join(output_dir, ALL_RESULTS_FILE)
+    merged = {}
+    if os.path.isfile(all_path):
+        with open(all_path, encoding="utf-8") as handle:
+            merged = json.load(handle)
+    merged.update(prefixed)
+    _write_json(all_path, merged)
+    return prefixed
+
+
+def save_run_config(output_dir, task, argv, model_args, data_args, training_args, additional_args) -> None:
+    _write_json(os.path.join(output_dir, CONFIG_FILE), {
+        "task": task.name,
+        "argv": argv,
+        "model_args": asdict(model_args),
+        "data_args": asdict(data_args),
+        "training_args": training_args.to_dict(),
+        "additional_args": asdict(additional_args),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    })
+
+
+# ----- the pipeline ---------------------------------------------------------------------------------
+def run(task, argv: Optional[List[str]] = None) -> dict:
+    """Parse arguments, check every input, then train / evaluate / predict; return all results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args, additional_args = parse_arguments(argv)
+    task.resolve_arguments(data_args)
+    check_run_arguments(training_args, additional_args)
+    splits = wanted_splits(training_args)
+    check_data_arguments(data_args, splits)
+    output_dir = training_args.output_dir
+    check_output_dir(output_dir, data_args.overwrite_output_dir)
+    tokenizer = load_tokenizer(model_args)
+    config = load_config(model_args, tokenizer, additional_args)
+    raw = load_raw_splits(data_args, splits, model_args.cache_dir)
+    with_references = {}
+    for name, raw_split in raw.items():
+        with_references[name] = task.check_columns(raw_split, data_args)
+        task.check_rows(raw_split, data_args, with_references[name])
+    prepare_output_dir(output_dir)  # every input is valid: only now is anything written
+    save_run_config(output_dir, task, argv, model_args, data_args, training_args, additional_args)
+    set_seed(training_args.seed)
+
+    results, model_path = {}, model_args.model_name_or_path
+    if "train" in raw:
+        metrics = train(task, model_args, data_args, training_args, config, tokenizer, raw["train"])
+        results.update(save_results(output_dir, "train", metrics))
+        model_path = output_dir
+    evaluated = [s for s in ("validation", "test") if s in raw]
+    if evaluated:
+        model = load_eval_model(model_path, config, additional_args.deploy_scenario, model_args, training_args.device)
+        for split in evaluated:
+            metrics, records = evaluate_split(task, raw[split], with_references[split], model, tokenizer,
+                                              data_args, training_args, additional_args)
+            results.update(save_results(output_dir, SPLIT_PREFIX[split], metrics, records))
+            logger.info("%s results: %s", split, {k: v for k, v in metrics.items() if not isinstance(v, list)})
+    return results
+
+
+def main(task, argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run(task, argv)

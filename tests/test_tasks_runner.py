@@ -1,0 +1,69 @@
+"""Pieces of the shared pipeline: aggregation of exit statistics and the results files."""
+
+import json
+
+import pytest
+
+from tasks.runner import ExitStatsTotals, check_output_dir, model_class, prepare_output_dir, save_results
+
+
+def _stats(layers, **extra):
+    """exit_stats of one generate call whose tokens exited at `layers` (2-layer decoder)."""
+    return {"tokens": len(layers), "block_avg": sum(layers) / len(layers),
+            "block_op": [len(layers), sum(1 for x in layers if x == 2)],
+            "exit_layer_counts": [layers.count(1), layers.count(2)], "exit_layers": [layers],
+            "time_total": 0.5, "time_blocks": 0.25, **extra}
+
+
+def test_exit_stats_are_token_weighted_and_summed():
+    totals = ExitStatsTotals()
+    totals.add(_stats([1, 1, 1, 2]))  # 4 tokens, mean 1.25
+    totals.add(_stats([2, 2]))  # 2 tokens, mean 2
+    out = totals.metrics()
+    assert out["block_avg"] == pytest.approx(9 / 6)  # not the mean of means (1.625)
+    assert out["block_op"] == [6, 3]
+    assert out["exit_layer_counts"] == [3, 3]
+    assert out["tokens"] == 6
+    assert out["time_total"] == pytest.approx(1.0) and out["time_blocks"] == pytest.approx(0.5)
+    assert not any(k.startswith("flops") for k in out)
+
+
+def test_any_numeric_flops_figure_is_summed_and_averaged_per_sample():
+    totals = ExitStatsTotals()
+    totals.add(_stats([1], flops_confidence=100, flops_blocks=1000.0, flops_total=1100, flops_layers=[1, 2]))
+    totals.add(_stats([2], flops_confidence=300, flops_blocks=3000.0, flops_total=3300, flops_layers=[3, 4]))
+    out = totals.metrics()
+    assert out["flops_confidence"] == 400 and out["flops_confidence_per_sample"] == 200
+    assert out["flops_blocks"] == 4000 and out["flops_total"] == 4400 and out["flops_total_per_sample"] == 2200
+    assert "flops_layers" not in out  # only numbers are summed
+
+
+def test_results_files_merge_and_prefix(tmp_path):
+    out = str(tmp_path)
+    save_results(out, "train", {"train_loss": 1.5, "epoch": 2.0})
+    saved = save_results(out, "eval", {"rouge1": 40.0, "block_op": [3, 1]},
+                         [{"index": 0, "id": "a", "prediction": "x", "references": ["y"]}])
+    assert saved == {"eval_rouge1": 40.0, "eval_block_op": [3, 1]}
+    assert json.loads((tmp_path / "eval_results.json").read_text()) == saved
+    assert json.loads((tmp_path / "all_results.json").read_text()) == {
+        "train_loss": 1.5, "train_epoch": 2.0, "eval_rouge1": 40.0, "eval_block_op": [3, 1]}
+    lines = (tmp_path / "eval_predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prediction"] for line in lines] == ["x"]
+
+
+def test_overwrite_removes_only_run_files(tmp_path):
+    (tmp_path / "all_results.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")  # a model stored here stays
+    with pytest.raises(ValueError, match="not empty"):
+        check_output_dir(str(tmp_path), overwrite=False)
+    check_output_dir(str(tmp_path), overwrite=True)
+    prepare_output_dir(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_model_class_choice():
+    from models.deploying_t5 import DeployT5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
+    assert model_class(training=True, deploy=True) is T5ForConditionalGeneration
+    assert model_class(training=False, deploy=False) is T5ForConditionalGeneration
+    assert model_class(training=False, deploy=True) is DeployT5ForConditionalGeneration
