@@ -44,3 +44,60 @@ def build_meta_head(d_model: int) -> torch.nn.Module:
         torch.nn.ReLU(),
         torch.nn.Linear(d_model, 2),
     )
+
+
+# ----- contrastive measures (the fork's additions) -------------------------------------------
+#
+# Every contrastive quantity lives on the plausibility head V_head = {x : p_l(x) >= alpha max p_l}
+# and only needs *logits* there: softmax over V_head of (log p_l - log p_a) equals softmax of
+# (z_l - z_a) on V_head, because each distribution's normaliser is a constant that cancels; the
+# JSD of the two distributions restricted to V_head and renormalised is likewise a function of
+# the head logits alone. So an amateur layer is scored on the head's rows of W only.
+
+LN2 = 0.6931471805599453
+
+
+def plausibility_head(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Positions (1-D, ascending) of {x : p(x) >= alpha max p} in a 1-D distribution."""
+    return (probs >= alpha * probs.max()).nonzero().flatten()
+
+
+def contrastive_head_scores(expert_head_logits: torch.Tensor, amateur_head_logits: torch.Tensor,
+                            expert_head_mass: torch.Tensor = None) -> torch.Tensor:
+    """s on V_head: softmax(log p_l - log p_a), times sum_{V_head} p_l when reweighting."""
+    contrast = _wide(expert_head_logits) - _wide(amateur_head_logits)
+    # an amateur probability of exactly zero makes the contrast +inf: that token takes all the mass
+    contrast = torch.nan_to_num(contrast, posinf=torch.finfo(contrast.dtype).max)
+    scores = F.softmax(contrast, dim=-1)
+    return scores if expert_head_mass is None else scores * expert_head_mass
+
+
+def contrastive_confidence(expert_probs: torch.Tensor, head: torch.Tensor, head_scores: torch.Tensor):
+    """s(1) - s(2) of s = head scores on V_head and p_l elsewhere; also returns the argmax of s."""
+    scores = expert_probs.clone()
+    scores[head] = head_scores
+    return top2_gap(scores), scores.argmax()
+
+
+def restricted_jsd(expert_head_logits: torch.Tensor, amateur_head_logits: torch.Tensor) -> torch.Tensor:
+    """JSD between the expert and each amateur (rows), both restricted to the head and renormalised.
+
+    Works in log space (log m = logaddexp(log p, log q) - ln 2) with 0 log 0 = 0, so zero
+    probabilities give finite values, never NaN; clamped to [0, ln 2] against rounding.
+    """
+    log_p = F.log_softmax(_wide(expert_head_logits), dim=-1)
+    log_q = F.log_softmax(_wide(amateur_head_logits), dim=-1)
+    log_m = torch.logaddexp(log_p, log_q) - LN2
+    divergence = 0.5 * _kl_terms(log_p, log_m).sum(-1) + 0.5 * _kl_terms(log_q, log_m).sum(-1)
+    return divergence.clamp(0.0, LN2)
+
+
+def _kl_terms(log_p: torch.Tensor, log_m: torch.Tensor) -> torch.Tensor:
+    """p (log p - log m), with 0 log 0 = 0 (a zero probability contributes nothing)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_m), torch.zeros_like(p))
+
+
+def discounted_jsd(jsd: torch.Tensor, amateur_layers: torch.Tensor, expert_layer: int) -> torch.Tensor:
+    """JSD(p_l || p_j) / (l - j): divergence discounted by layer distance."""
+    return jsd / (expert_layer - amateur_layers).to(jsd.dtype)

@@ -21,7 +21,14 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from models.confidence import meta_confidence, softmax_confidence, state_confidence
+from models.flops import (
+    FlopCounter,
+    cross_kv_flops,
+    decoder_block_flops,
+    encoder_flops,
+    output_head_flops,
+    skipped_block_flops,
+)
 
 
 @dataclass(frozen=True)
@@ -102,23 +109,31 @@ def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceDecoder:
-    """Greedy decoding of one sequence (batch 1) under an exit policy."""
+    """Greedy decoding of one sequence (batch 1) under an exit policy.
+
+    `scorer` (a LayerScorer) computes confidences and exit predictions; `flops` (a FlopCounter)
+    sums FLOPs when counting is on; with `trace`, every token runs all L layers (outputs are the
+    full model's) and per-layer diagnostics are recorded with the layer the policy would exit at.
+    """
 
     def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int,
+                 scorer=None, flops: Optional[FlopCounter] = None, trace: bool = False,
                  lazy_propagation: bool = True):
         self.model = model
         self.policy = policy
         self.timer = timer
         self.max_new_tokens = max_new_tokens
+        self.scorer = scorer
+        self.flops = flops
+        self.trace = {"ranks": [], "confidences": [], "max_probs": [], "agrees": [], "exit_layers": []} if trace else None
+        self.jsd_steps = []
         self.lazy = lazy_propagation
         decoder = model.decoder
         self.blocks = decoder.block
-        self.final_norm = decoder.final_layer_norm
         self.embed = decoder.embed_tokens
         config = model.config
         self.num_heads, self.head_dim = config.num_heads, config.d_kv
-        param = model.lm_head.weight
-        self.device, self.dtype = param.device, self.blocks[0].layer[0].SelfAttention.q.weight.dtype
+        self.device, self.dtype = model.lm_head.weight.device, self.blocks[0].layer[0].SelfAttention.q.weight.dtype
 
         L, n = len(self.blocks), max_new_tokens
         shape = (L, 1, self.num_heads, n, self.head_dim)
@@ -152,6 +167,8 @@ class SequenceDecoder:
             attention = self.blocks[j].layer[1].EncDecAttention
             self.cross[j] = (self._split_heads(attention.k(self.encoder_states)),
                              self._split_heads(attention.v(self.encoder_states)))
+            if self.flops is not None:
+                self.flops.blocks += cross_kv_flops(self.flops.shape, self.encoder_states.shape[1])
         return self.cross[j]
 
     def _block(self, j: int, hidden: torch.Tensor, t: int) -> torch.Tensor:
@@ -166,6 +183,8 @@ class SequenceDecoder:
         hidden = hidden + self._attend(cross_layer.EncDecAttention, cross_layer.layer_norm(hidden), keys, values,
                                        self.cross_mask)
         hidden = _clamp_fp16(hidden)
+        if self.flops is not None:
+            self.flops.blocks += decoder_block_flops(self.flops.shape, t + 1, self.encoder_states.shape[1])
         return _clamp_fp16(ff_layer(hidden))
 
     def _propagate(self, j: int, upto: int) -> None:
@@ -174,69 +193,103 @@ class SequenceDecoder:
         if start < upto:
             normed = self.blocks[j].layer[0].layer_norm(self.exit_states[:, start:upto])
             self._store_self_kv(j, normed, start)
+            if self.flops is not None:
+                self.flops.blocks += skipped_block_flops(self.flops.shape, upto - start)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return output_logits(self.model, hidden)
-
-    def _confidence(self, hidden, previous):
-        """(confidence, logits if they were needed for it)."""
-        kind = self.policy.conf_type
-        if kind == "softmax":
-            logits = self.logits(hidden)
-            return softmax_confidence(logits), logits
-        if kind == "meta":
-            return meta_confidence(self.model.cm_head, self.final_norm(hidden)), None
-        if kind == "state":
-            return state_confidence(hidden, previous), None
-        raise ValueError(f"exit_conf_type={kind!r} is not supported by the decode loop.")
+    def _output_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The full head that predicts a token at the last layer (counted with the blocks)."""
+        if self.flops is not None:
+            self.flops.blocks += output_head_flops(self.flops.shape)
+        return output_logits(self.model, hidden)[:, -1].argmax(-1, keepdim=True)
 
     # ----- the loop ------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, start_token: int, eos_ids: set):
         """Decode input_ids (1, S). Returns (tokens with the start token, exit layer per token)."""
-        timer, policy = self.timer, self.policy
+        timer = self.timer
         mark = timer.now()
         self.encoder_states = self.model.encoder(input_ids=input_ids).last_hidden_state
         self.cross_mask = torch.zeros((1, self.num_heads, 1, input_ids.shape[1]), device=self.device, dtype=self.dtype)
-        mark = timer.add("encoder", mark)
+        if self.flops is not None:
+            self.flops.encoder += encoder_flops(self.flops.shape, input_ids.shape[1])
+        timer.add("encoder", mark)
 
         tokens, exit_layers = [start_token], []
         token = torch.tensor([[start_token]], device=self.device)
         for t in range(self.max_new_tokens):
-            threshold = policy.threshold_at(t, self.max_new_tokens)
-            hidden = self.embed(token)
-            previous, logits, exit_layer = hidden, None, policy.last_layer
-            for j in range(policy.last_layer):
-                if self.filled[j] < t:
-                    mark = timer.now()
-                    self._propagate(j, t)
-                    timer.add("propagation", mark)
-                mark = timer.now()
-                previous, hidden = hidden, self._block(j, hidden, t)
-                mark = timer.add("blocks", mark)
-                if policy.checks(j + 1):
-                    confidence, logits = self._confidence(hidden, previous)
-                    exits = confidence.item() > threshold
-                    mark = timer.add("confidence", mark)
-                    if exits:
-                        exit_layer = j + 1
-                        break
-                    logits = None
-            mark = timer.now()
-            if exit_layer < policy.num_layers:
-                self.exit_states[:, t] = hidden[:, 0]
-                if not self.lazy:
-                    for j in range(exit_layer, policy.num_layers):
-                        self._propagate(j, t + 1)
-            if logits is None:
-                logits = self.logits(hidden)
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            step = self._trace_token if self.trace is not None else self._decode_token
+            token, exit_layer = step(token, t)
             next_id = int(token.item())
-            timer.add("head", mark)
             tokens.append(next_id)
             exit_layers.append(exit_layer)
+            if self.scorer is not None and self.scorer.jsd_step is not None:
+                self.jsd_steps.append(self.scorer.jsd_step)
             if next_id in eos_ids:
                 break
         return tokens, exit_layers
+
+    def _decode_token(self, token: torch.Tensor, t: int):
+        """One token under the exit policy: (predicted token (1, 1), exit layer)."""
+        timer, policy, scorer = self.timer, self.policy, self.scorer
+        threshold = policy.threshold_at(t, self.max_new_tokens)
+        if scorer is not None:
+            scorer.start_token()
+        hidden = self.embed(token)
+        previous, prediction, exit_layer = hidden, None, policy.last_layer
+        for j in range(policy.last_layer):
+            if self.filled[j] < t:
+                mark = timer.now()
+                self._propagate(j, t)
+                timer.add("propagation", mark)
+            mark = timer.now()
+            previous, hidden = hidden, self._block(j, hidden, t)
+            mark = timer.add("blocks", mark)
+            if scorer is None:
+                continue
+            scorer.remember(j + 1, hidden)
+            if policy.checks(j + 1) and scorer.confidence(j + 1, hidden, previous) > threshold:
+                exit_layer = j + 1
+                prediction = scorer.predict(exit_layer, hidden)
+                timer.add("confidence", mark)
+                break
+            timer.add("confidence", mark)
+        mark = timer.now()
+        if exit_layer < policy.num_layers:
+            self.exit_states[:, t] = hidden[:, 0]
+            if not self.lazy:
+                for j in range(exit_layer, policy.num_layers):
+                    self._propagate(j, t + 1)
+        if prediction is None:  # the last layer (or a static exit): the full output head
+            prediction = self._output_head(hidden)
+        timer.add("head", mark)
+        return prediction, exit_layer
+
+    def _trace_token(self, token: torch.Tensor, t: int):
+        """plotting_logits: run all L layers, record each layer's view of the final prediction."""
+        policy, scorer = self.policy, self.scorer
+        threshold = policy.threshold_at(t, self.max_new_tokens)
+        if scorer is not None:
+            scorer.start_token()
+        hidden = self.embed(token)
+        layer_logits, confidences, would_exit = [], [], policy.num_layers
+        for j in range(policy.num_layers):
+            previous, hidden = hidden, self._block(j, hidden, t)
+            confidence = float("nan")
+            if scorer is not None:
+                scorer.remember(j + 1, hidden)
+                if policy.checks(j + 1):
+                    confidence = scorer.confidence(j + 1, hidden, previous)
+                    if confidence > threshold and would_exit == policy.num_layers:
+                        would_exit = j + 1
+            confidences.append(confidence)
+            layer_logits.append(output_logits(self.model, hidden)[0, -1])
+        logits = torch.stack(layer_logits)  # (L, V)
+        final = logits[-1].argmax()
+        self.trace["ranks"].append((logits > logits[:, final : final + 1]).sum(-1).tolist())
+        self.trace["confidences"].append(confidences)
+        self.trace["max_probs"].append(logits.float().softmax(-1).max(-1).values.tolist())
+        self.trace["agrees"].append((logits.argmax(-1) == final).tolist())
+        self.trace["exit_layers"].append(would_exit)
+        return final.view(1, 1), policy.num_layers
 
 
 def summarise_exits(exit_layers: List[int], num_layers: int) -> dict:

@@ -20,6 +20,8 @@ from transformers import T5ForConditionalGeneration
 
 from models.confidence import build_meta_head
 from models.decode_loop import ComponentTimer, ExitPolicy, SequenceDecoder, summarise_exits
+from models.flops import FlopCounter, Shape
+from models.layer_scorer import LayerScorer
 from util.additional_args import AdditionalArguments, validate_additional_args
 
 TIMED_COMPONENTS = ("encoder", "blocks", "confidence", "head", "propagation")
@@ -93,19 +95,28 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
         if self.training:
             raise ValueError("generate() needs the model in eval mode (call model.eval()): dropout would change outputs.")
 
+        flops = FlopCounter(Shape.of(self.config)) if args.count_flops else None
+        trace = bool(args.plotting_logits)
+        if trace and policy.conf_type is None and args.static_exit_layer is None:
+            # diagnostics of a run without exits still report the softmax confidence per layer
+            policy = ExitPolicy(num_layers, num_layers, "softmax", 1.0)
         began = timer.now()
         input_ids = input_ids.to(self.device)
-        rows, all_exits = [], []
+        rows, all_exits, traces, jsd_steps = [], [], [], []
         for b in range(input_ids.shape[0]):
             ids = input_ids[b : b + 1]
             if attention_mask is not None:
                 ids = ids[:, attention_mask[b].to(self.device).bool()]
                 if ids.shape[1] == 0:
                     raise ValueError(f"row {b} of attention_mask masks every input token.")
-            decoder = SequenceDecoder(self, policy, timer, steps, lazy_propagation)
+            scorer = LayerScorer(self, args, policy.conf_type, flops, args.render_jsds) if policy.conf_type else None
+            decoder = SequenceDecoder(self, policy, timer, steps, scorer=scorer, flops=flops, trace=trace,
+                                      lazy_propagation=lazy_propagation)
             tokens, exits = decoder.run(ids, start, eos_ids)
             rows.append(tokens)
             all_exits.append(exits)
+            traces.append(decoder.trace)
+            jsd_steps.append(decoder.jsd_steps)
         total = timer.now() - began
 
         width = max(len(r) for r in rows)
@@ -118,6 +129,12 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
         stats["time_total"] = total
         for name in TIMED_COMPONENTS:
             stats[f"time_{name}"] = timer.seconds.get(name, 0.0)
+        if flops is not None:
+            stats.update(flops.as_stats())
+        if trace:
+            stats["layer_traces"] = traces  # per row: util.diagnostics.LayerTrace fields
+        if args.render_jsds:
+            stats["jsd_steps"] = jsd_steps  # per row, per token: {"jsd", "chosen", "expert_layer"}
         self._exit_stats = stats
         return out
 

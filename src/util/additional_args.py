@@ -9,12 +9,22 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 # Confidence measures the decode loop understands. Contrastive ones are added by their issue.
-CONFIDENCE_TYPES = ("softmax", "meta", "state")
-PLANNED_CONFIDENCE_TYPES = (
+CONFIDENCE_TYPES = (
+    "softmax",
+    "meta",
+    "state",
     "contrastive_decoding",
     "reweight_contrastive_decoding",
     "JSD_contrastive_confidence",
 )
+PLANNED_CONFIDENCE_TYPES = ()
+# The lowest layer at which a measure is defined: contrastive ones need an amateur layer
+# (floor(l/2) >= 1, or JSD candidates 2 <= j < l).
+SMALLEST_CHECKED_LAYER = {
+    "contrastive_decoding": 2,
+    "reweight_contrastive_decoding": 2,
+    "JSD_contrastive_confidence": 3,
+}
 VOCAB_REDUCTION_TYPES = ("fixed", "decaying", "adaptive")
 INTERMEDIATE_LOSSES = (
     "ce",
@@ -78,7 +88,9 @@ class AdditionalArguments:
     vocab_k_max: int = _flag(35000, "k_max of the vocabulary-size schedule.")
     vocab_k_min: int = _flag(250, "k_min of the vocabulary-size schedule.")
     vocab_adaptive_scale: float = _flag(0.9, "beta of adaptive reduction, in (0, 1].")
+    vocab_rerank: bool = _flag(False, "Progressive pruning: re-rank the retained tokens at each layer by that layer's scores.")
     cd_alpha: float = _flag(0.1, "Plausibility alpha of the contrastive measures, in (0, 1].")
+    emit_contrastive_token: bool = _flag(False, "Emit the argmax of the contrastive distribution instead of the expert layer's.")
     plotting_logits: bool = _flag(False, "Record per-layer ranks, confidences and agreement, and plot them.")
     count_flops: bool = _flag(False, "Count FLOPs of blocks, confidence and encoder per generate call.")
     render_jsds: bool = _flag(False, "Record the discounted JSD of every candidate amateur layer per token.")
@@ -99,10 +111,6 @@ _NOT_IMPLEMENTED = {
     "use_adapt_threshold": lambda a: a.use_adapt_threshold,
     "rollback_conf_threshold": lambda a: a.rollback_conf_threshold is not None,
     "use_lora": lambda a: a.use_lora,
-    "type_vocab_reduct": lambda a: a.type_vocab_reduct is not None,
-    "plotting_logits": lambda a: a.plotting_logits,
-    "count_flops": lambda a: a.count_flops,
-    "render_jsds": lambda a: a.render_jsds,
 }
 
 
@@ -131,6 +139,13 @@ def _check_conf_type(name, value):
         raise ValueError(f"{name}={value!r} is not implemented yet.")
 
 
+def _check_measure_layer(conf_name, conf_type, layer_name, layer):
+    smallest = SMALLEST_CHECKED_LAYER.get(conf_type, 1)
+    if (layer or 1) < smallest:
+        raise ValueError(f"{conf_name}={conf_type!r} has no amateur layer below layer {smallest}: "
+                         f"set {layer_name} to at least {smallest} (it is {layer}).")
+
+
 def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int) -> None:
     """Raise ValueError, naming the flag(s), for any invalid value or combination."""
     L = num_decoder_layers
@@ -157,6 +172,7 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
         if args.exit_conf_type is None:
             raise ValueError("use_early_exit needs exit_conf_type; allowed values: " + ", ".join(CONFIDENCE_TYPES) + ".")
         _check_conf_type("exit_conf_type", args.exit_conf_type)
+        _check_measure_layer("exit_conf_type", args.exit_conf_type, "exit_min_layer", args.exit_min_layer)
         if args.use_shallow_deep:
             raise ValueError("use_early_exit and use_shallow_deep are exclusive: choose one exit policy.")
     elif args.exit_min_layer is not None or args.exit_position_temp is not None:
@@ -169,6 +185,8 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
         if args.shallow2deep_conf_type is None:
             raise ValueError("use_shallow_deep needs shallow2deep_conf_type.")
         _check_conf_type("shallow2deep_conf_type", args.shallow2deep_conf_type)
+        _check_measure_layer("shallow2deep_conf_type", args.shallow2deep_conf_type, "shallow_exit_layer",
+                             args.shallow_exit_layer)
     if not args.parallel_causal_mask and (args.copy_skipped_hidden_states or args.rollback_conf_threshold is not None):
         raise ValueError("parallel_causal_mask=False cannot be combined with copy_skipped_hidden_states or rollback_conf_threshold.")
     if args.rollback_conf_threshold is not None and args.copy_skipped_hidden_states:
@@ -188,6 +206,13 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             raise ValueError(f"type_vocab_reduct={args.type_vocab_reduct!r} is unknown; allowed values: {', '.join(VOCAB_REDUCTION_TYPES)}.")
         if not (args.use_early_exit or args.use_shallow_deep):
             raise ValueError("type_vocab_reduct needs a confidence-based exit: set use_early_exit or use_shallow_deep.")
+    if args.render_jsds and "JSD_contrastive_confidence" not in (args.exit_conf_type, args.shallow2deep_conf_type):
+        raise ValueError("render_jsds records the JSD measure: set exit_conf_type=JSD_contrastive_confidence.")
+    if args.vocab_rerank and args.type_vocab_reduct is None:
+        raise ValueError("vocab_rerank re-ranks a reduced vocabulary: set type_vocab_reduct too.")
+    if args.emit_contrastive_token and not any(
+            t in SMALLEST_CHECKED_LAYER for t in (args.exit_conf_type, args.shallow2deep_conf_type)):
+        raise ValueError("emit_contrastive_token needs a contrastive exit_conf_type.")
     for name, is_on in _NOT_IMPLEMENTED.items():
         if is_on(args):
             raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
