@@ -58,6 +58,7 @@ def causal_bias(model, length):
     return bias.masked_fill(future, torch.finfo(model.dtype).min)
 
 
+@torch.no_grad()
 def reference_decode(model, input_ids, max_new_tokens, exit_rule):
     """Slow early-exit decoding with no cache.
 
