@@ -4,6 +4,8 @@ The oracles are deliberately naive: they run HF's own T5 modules over whole sequ
 any cache, so that they share nothing with the decode loop under test except the weights.
 """
 
+from functools import lru_cache
+
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -108,3 +110,23 @@ def threshold_rule(model, conf_type, threshold, min_layer=1):
         return confidence.item() > threshold
 
     return rule
+
+
+@lru_cache(maxsize=None)
+def _trained_copy_weights(num_decoder_layers: int):
+    """Trained once per test session for each depth (training takes seconds)."""
+    trained = train_copy_model(copy_config(num_decoder_layers=num_decoder_layers))
+    return trained.config, {k: v.clone() for k, v in trained.state_dict().items()}
+
+
+def trained_copy_model(num_decoder_layers: int = 4, dtype=torch.float32):
+    """A fresh deploy model with the session's trained copy-task weights (encoder of 2 blocks)."""
+    config, state = _trained_copy_weights(num_decoder_layers)
+    model = deploy_model(type(config).from_dict(config.to_dict()))
+    model.load_state_dict(state)
+    return model.to(dtype)
+
+
+def copy_inputs(seed: int, count: int = 5, length: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 31, (1, length), generator=generator) for _ in range(count)]

@@ -7,12 +7,11 @@ import torch
 
 from engine_helpers import (
     causal_bias,
-    copy_config,
-    deploy_model,
+    copy_inputs,
     output_logits,
     reference_decode,
     set_flags,
-    train_copy_model,
+    trained_copy_model,
 )
 from models import confidence as C
 
@@ -138,15 +137,9 @@ def test_jsd_of_many_amateurs_in_one_call_equals_one_at_a_time_and_discount_divi
 @pytest.fixture(scope="module")
 def copy_model():
     """Six decoder blocks so that JSD has several candidate amateur layers."""
-    trained = train_copy_model(copy_config(num_decoder_layers=6), steps=150)
-    model = deploy_model(trained.config).to(torch.float64)
-    model.load_state_dict(trained.state_dict())
-    return model
+    return trained_copy_model(6, torch.float64)
 
 
-def copy_inputs(seed, count=4):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 32, (1, 8), generator=generator) for _ in range(count)]
 
 
 def contrastive_rule(model, kind, threshold, min_layer, alpha=0.1):

@@ -5,7 +5,7 @@ import torch
 
 from engine_helpers import (
     EOS,
-    copy_config,
+    copy_inputs,
     deploy_model,
     hf_greedy_without_cache,
     hf_twin,
@@ -14,7 +14,7 @@ from engine_helpers import (
     set_flags,
     threshold_rule,
     tiny_config,
-    train_copy_model,
+    trained_copy_model,
 )
 
 ARCHITECTURES = {
@@ -31,15 +31,9 @@ def random_inputs(seed, count=4, length=7, vocab=64):
 @pytest.fixture(scope="module")
 def copy_model():
     """Trained for a few seconds: decoder of 4 blocks over an encoder of 2."""
-    config = copy_config()
-    trained = train_copy_model(config)
-    model = deploy_model(trained.config)
-    model.load_state_dict(trained.state_dict())
-    return model
+    return trained_copy_model(4)
 
 
-def copy_inputs(seed, count=6):
-    return random_inputs(seed, count=count, length=8, vocab=32)
 
 
 # ----- full model ------------------------------------------------------------------------
@@ -104,10 +98,10 @@ def test_threshold_one_never_exits(copy_model):
 def test_batch_rows_decode_as_they_would_alone(copy_model):
     set_flags(copy_model, use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.5)
     short, long = copy_inputs(7, count=2)
-    short = short[:, :5]
-    batch = torch.zeros((2, 8), dtype=torch.long)
-    mask = torch.zeros((2, 8), dtype=torch.long)
-    batch[0, :5], mask[0, :5] = short[0], 1
+    short = short[:, :3]
+    batch = torch.zeros((2, 5), dtype=torch.long)
+    mask = torch.zeros((2, 5), dtype=torch.long)
+    batch[0, :3], mask[0, :3] = short[0], 1
     batch[1], mask[1] = long[0], 1
     out = copy_model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=20)
     batch_exits = copy_model.exit_stats()["exit_layers"]

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from engine_helpers import copy_config, deploy_model, set_flags, train_copy_model
+from engine_helpers import (
+    copy_inputs,
+    set_flags,
+    trained_copy_model,
+)
 from models import flops as F
 from models.layer_scorer import LayerScorer
 from models.vocab_reduction import ReducedHead, adaptive_size, schedule
@@ -13,15 +17,9 @@ MODES = ("fixed", "decaying", "adaptive")
 
 @pytest.fixture(scope="module")
 def copy_model():
-    trained = train_copy_model(copy_config())
-    model = deploy_model(trained.config).to(torch.float64)  # no near-ties between permuted sums
-    model.load_state_dict(trained.state_dict())
-    return model
+    return trained_copy_model(4, torch.float64)  # no near-ties between permuted sums
 
 
-def copy_inputs(seed, count=5):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 32, (1, 8), generator=generator) for _ in range(count)]
 
 
 def decode_all(model, inputs, **flags):

@@ -41,9 +41,15 @@ class ExitPolicy:
     threshold: float = 1.0
     min_layer: int = 1
     position_temp: Optional[float] = None
+    max_checked_layer: Optional[int] = None  # shallow-deep: the shallow layer only
+
 
     @classmethod
     def from_args(cls, args, num_layers: int) -> "ExitPolicy":
+        if args.use_shallow_deep:
+            return cls(num_layers=num_layers, last_layer=num_layers, conf_type=args.shallow2deep_conf_type,
+                       threshold=args.shallow2deep_conf_threshold, min_layer=args.shallow_exit_layer,
+                       max_checked_layer=args.shallow_exit_layer)
         if args.static_exit_layer is not None:
             return cls(num_layers=num_layers, last_layer=args.static_exit_layer)
         if not args.use_early_exit:
@@ -59,7 +65,8 @@ class ExitPolicy:
 
     def checks(self, layer: int) -> bool:
         """Whether confidence is computed after `layer` (1-based); never at the last layer."""
-        return self.conf_type is not None and self.min_layer <= layer < self.last_layer
+        highest = self.last_layer - 1 if self.max_checked_layer is None else self.max_checked_layer
+        return self.conf_type is not None and self.min_layer <= layer <= highest
 
     def threshold_at(self, step: int, max_steps: int) -> float:
         """lambda_t = 0.9 lambda + 0.1 lambda exp(-tau t / N) (CALM's position decay)."""
@@ -145,6 +152,10 @@ class SequenceDecoder:
         self.position_bias = (
             self.blocks[0].layer[0].SelfAttention.compute_bias(n, n, device=self.device).to(self.dtype)
         )
+        # additive mask of later positions, for passes over several positions at once
+        self.future = torch.full((n, n), torch.finfo(self.dtype).min, device=self.device, dtype=self.dtype).triu(1)
+        self.causal = True
+        self.block_runs = [0] * L  # positions each block ran, parallel recomputation included
 
     # ----- pieces of one block -----------------------------------------------------------
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,20 +182,30 @@ class SequenceDecoder:
                 self.flops.blocks += cross_kv_flops(self.flops.shape, self.encoder_states.shape[1])
         return self.cross[j]
 
+    def _self_mask(self, start: int, end: int) -> torch.Tensor:
+        """Relative position bias of query positions start..end-1 (causal among themselves)."""
+        mask = self.position_bias[:, :, start:end, :end]
+        if end - start > 1 and self.causal:
+            mask = mask + self.future[start:end, :end]
+        return mask
+
     def _block(self, j: int, hidden: torch.Tensor, t: int) -> torch.Tensor:
-        """Block j (0-based) on the token at position t, reading and extending the caches."""
+        """Block j (0-based) on the positions t.. of `hidden` (1, n, d), reading and extending the caches."""
         self_layer, cross_layer, ff_layer = self.blocks[j].layer
+        end = t + hidden.shape[1]
         normed = self_layer.layer_norm(hidden)
         self._store_self_kv(j, normed, t)
-        hidden = hidden + self._attend(self_layer.SelfAttention, normed, self.keys[j, :, :, : t + 1],
-                                       self.values[j, :, :, : t + 1], self.position_bias[:, :, t : t + 1, : t + 1])
+        hidden = hidden + self._attend(self_layer.SelfAttention, normed, self.keys[j, :, :, :end],
+                                       self.values[j, :, :, :end], self._self_mask(t, end))
         hidden = _clamp_fp16(hidden)
         keys, values = self._cross_kv(j)
         hidden = hidden + self._attend(cross_layer.EncDecAttention, cross_layer.layer_norm(hidden), keys, values,
                                        self.cross_mask)
         hidden = _clamp_fp16(hidden)
+        self.block_runs[j] += end - t
         if self.flops is not None:
-            self.flops.blocks += decoder_block_flops(self.flops.shape, t + 1, self.encoder_states.shape[1])
+            self.flops.blocks += sum(decoder_block_flops(self.flops.shape, p + 1, self.encoder_states.shape[1])
+                                     for p in range(t, end))
         return _clamp_fp16(ff_layer(hidden))
 
     def _propagate(self, j: int, upto: int) -> None:
@@ -213,19 +234,23 @@ class SequenceDecoder:
             self.flops.encoder += encoder_flops(self.flops.shape, input_ids.shape[1])
         timer.add("encoder", mark)
 
-        tokens, exit_layers = [start_token], []
+        self.tokens, self.exit_layers = [start_token], []
+        step = self._trace_token if self.trace is not None else self._decode_token
         token = torch.tensor([[start_token]], device=self.device)
-        for t in range(self.max_new_tokens):
-            step = self._trace_token if self.trace is not None else self._decode_token
-            token, exit_layer = step(token, t)
-            next_id = int(token.item())
-            tokens.append(next_id)
-            exit_layers.append(exit_layer)
-            if self.scorer is not None and self.scorer.jsd_step is not None:
-                self.jsd_steps.append(self.scorer.jsd_step)
-            if next_id in eos_ids:
+        while len(self.tokens) <= self.max_new_tokens:
+            t = len(self.tokens) - 1  # position of the input token
+            prediction, exit_layer = step(token, t)
+            if prediction is None:  # rolled back: resume after the corrected token
+                token = torch.tensor([[self.tokens[-1]]], device=self.device)
+            else:
+                token = prediction
+                self.tokens.append(int(prediction.item()))
+                self.exit_layers.append(exit_layer)
+                if self.scorer is not None and self.scorer.jsd_step is not None:
+                    self.jsd_steps.append(self.scorer.jsd_step)
+            if self.tokens[-1] in eos_ids:
                 break
-        return tokens, exit_layers
+        return self.tokens, self.exit_layers
 
     def _decode_token(self, token: torch.Tensor, t: int):
         """One token under the exit policy: (predicted token (1, 1), exit layer)."""
@@ -292,14 +317,14 @@ class SequenceDecoder:
         return final.view(1, 1), policy.num_layers
 
 
-def summarise_exits(exit_layers: List[int], num_layers: int) -> dict:
-    """block_avg, block_op (tokens that ran each block) and the histogram of exit layers."""
+def summarise_exits(exit_layers: List[int], block_runs: List[int]) -> dict:
+    """block_avg (blocks run per generated token, parallel recomputation included), block_op
+    (positions each block ran) and the histogram of exit layers."""
     count = len(exit_layers)
-    block_op = [sum(1 for e in exit_layers if e >= layer) for layer in range(1, num_layers + 1)]
-    histogram = [sum(1 for e in exit_layers if e == layer) for layer in range(1, num_layers + 1)]
+    histogram = [sum(1 for e in exit_layers if e == layer) for layer in range(1, len(block_runs) + 1)]
     return {
         "tokens": count,
-        "block_avg": (sum(exit_layers) / count) if count else 0.0,
-        "block_op": block_op,
+        "block_avg": (sum(block_runs) / count) if count else 0.0,
+        "block_op": list(block_runs),
         "exit_layer_counts": histogram,
     }

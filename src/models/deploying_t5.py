@@ -21,8 +21,10 @@ from transformers import T5ForConditionalGeneration
 from models.confidence import build_meta_head
 from models.decode_loop import ComponentTimer, ExitPolicy, SequenceDecoder, summarise_exits
 from models.flops import FlopCounter, Shape
+from models.adaptive_threshold import BetaMixtureThreshold
 from models.layer_scorer import LayerScorer
-from util.additional_args import AdditionalArguments, validate_additional_args
+from models.shallow_deep import ShallowDeepDecoder
+from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
 
 TIMED_COMPONENTS = ("encoder", "blocks", "confidence", "head", "propagation")
 
@@ -41,6 +43,7 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
         if _uses_meta_head(config):
             self.cm_head = build_meta_head(config.d_model)
         self._exit_stats = {}
+        self.threshold_estimator = None  # FREE's adaptive threshold, kept across generate calls
 
     def exit_args(self) -> AdditionalArguments:
         """The validated flags this model decodes with now."""
@@ -103,6 +106,8 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
         began = timer.now()
         input_ids = input_ids.to(self.device)
         rows, all_exits, traces, jsd_steps = [], [], [], []
+        block_runs = [0] * num_layers
+        free_counts = {}
         for b in range(input_ids.shape[0]):
             ids = input_ids[b : b + 1]
             if attention_mask is not None:
@@ -110,9 +115,13 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
                 if ids.shape[1] == 0:
                     raise ValueError(f"row {b} of attention_mask masks every input token.")
             scorer = LayerScorer(self, args, policy.conf_type, flops, args.render_jsds) if policy.conf_type else None
-            decoder = SequenceDecoder(self, policy, timer, steps, scorer=scorer, flops=flops, trace=trace,
-                                      lazy_propagation=lazy_propagation)
+            decoder = self._sequence_decoder(args, policy, timer, steps, scorer, flops, trace, lazy_propagation)
             tokens, exits = decoder.run(ids, start, eos_ids)
+            block_runs = [a + b for a, b in zip(block_runs, decoder.block_runs)]
+            for key, value in getattr(decoder, "counts", {}).items():
+                free_counts[key] = free_counts.get(key, 0) + value
+            if self.threshold_estimator is not None and args.use_adapt_threshold:
+                self.threshold_estimator.end_sample()
             rows.append(tokens)
             all_exits.append(exits)
             traces.append(decoder.trace)
@@ -124,7 +133,10 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
         for b, tokens in enumerate(rows):
             out[b, : len(tokens)] = torch.tensor(tokens, device=self.device)
 
-        stats = summarise_exits([e for exits in all_exits for e in exits], num_layers)
+        stats = summarise_exits([e for exits in all_exits for e in exits], block_runs)
+        stats.update(free_counts)
+        if args.use_adapt_threshold:
+            stats["adaptive_threshold"] = self.threshold_estimator.threshold
         stats["exit_layers"] = all_exits
         stats["time_total"] = total
         for name in TIMED_COMPONENTS:
@@ -137,6 +149,20 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
             stats["jsd_steps"] = jsd_steps  # per row, per token: {"jsd", "chosen", "expert_layer"}
         self._exit_stats = stats
         return out
+
+    def _sequence_decoder(self, args, policy, timer, steps, scorer, flops, trace, lazy_propagation):
+        """The decode loop for one row: FREE's synchronized parallel decoding, or the exit loop."""
+        common = dict(scorer=scorer, flops=flops, trace=trace, lazy_propagation=lazy_propagation)
+        if not (args.use_shallow_deep and uses_parallel_decoding(args)) or trace:
+            return SequenceDecoder(self, policy, timer, steps, **common)
+        estimator = None
+        if args.use_adapt_threshold:
+            if self.threshold_estimator is None:
+                self.threshold_estimator = BetaMixtureThreshold(args.shallow2deep_conf_threshold,
+                                                                args.adapt_threshold_level, args.adapt_threshold_samples)
+            estimator = self.threshold_estimator
+        return ShallowDeepDecoder(self, policy, timer, steps, rollback_threshold=args.rollback_conf_threshold,
+                                  estimator=estimator, causal=args.parallel_causal_mask, **common)
 
     def exit_stats(self) -> dict:
         """Statistics of the last generate call."""

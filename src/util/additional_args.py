@@ -75,6 +75,8 @@ class AdditionalArguments:
     rollback_conf_threshold: Optional[float] = _flag(None, "Cross-entropy above which a shallow token is replaced by the deep one.")
     parallel_causal_mask: bool = _flag(True, "Use a causal mask in the parallel deep pass.")
     use_adapt_threshold: bool = _flag(False, "Estimate the shallow threshold on the fly with a Beta mixture.")
+    adapt_threshold_level: float = _flag(0.9, "zeta: posterior of 'shallow agrees with deep' that the adaptive threshold must reach, in (0, 1).")
+    adapt_threshold_samples: int = _flag(300, "The adaptive threshold is refitted after each of this many first samples.")
 
     # LoRA
     use_lora: bool = _flag(False, "Fine-tune with low-rank adapters (peft).")
@@ -105,12 +107,6 @@ class AdditionalArguments:
 # Flags (with the value that switches them on) whose feature is not built yet: rejected, never
 # silently ignored. Each entry leaves this table when its feature lands.
 _NOT_IMPLEMENTED = {
-    "intermediate_loss_fn": lambda a: a.intermediate_loss_fn is not None,
-    "train_meta_cm_head": lambda a: a.train_meta_cm_head,
-    "use_shallow_deep": lambda a: a.use_shallow_deep,
-    "use_adapt_threshold": lambda a: a.use_adapt_threshold,
-    "rollback_conf_threshold": lambda a: a.rollback_conf_threshold is not None,
-    "use_lora": lambda a: a.use_lora,
 }
 
 
@@ -144,6 +140,19 @@ def _check_measure_layer(conf_name, conf_type, layer_name, layer):
     if (layer or 1) < smallest:
         raise ValueError(f"{conf_name}={conf_type!r} has no amateur layer below layer {smallest}: "
                          f"set {layer_name} to at least {smallest} (it is {layer}).")
+
+
+def _check_intermediate_loss(args) -> None:
+    """The flags each intermediate loss needs (issue 6)."""
+    name = args.intermediate_loss_fn
+    if name.startswith("shallowdeep") and args.shallow_exit_layer is None:
+        raise ValueError(f"intermediate_loss_fn={name!r} needs shallow_exit_layer (1..L-1).")
+    distils = name.startswith("shallowdeep_kd")
+    if distils and args.distill_layer_alpha is None:
+        raise ValueError(f"intermediate_loss_fn={name!r} needs distill_layer_alpha in [0, 1].")
+    if not distils and (args.distill_layer_alpha is not None or args.do_layer_transformation):
+        raise ValueError(f"distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* "
+                         f"intermediate_loss_fn, not {name!r}.")
 
 
 def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int) -> None:
@@ -191,11 +200,22 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
         raise ValueError("parallel_causal_mask=False cannot be combined with copy_skipped_hidden_states or rollback_conf_threshold.")
     if args.rollback_conf_threshold is not None and args.copy_skipped_hidden_states:
         raise ValueError("rollback_conf_threshold cannot be combined with copy_skipped_hidden_states.")
+    if (args.rollback_conf_threshold is not None or args.use_adapt_threshold) and not (
+            args.use_shallow_deep and uses_parallel_decoding(args)):
+        raise ValueError("rollback_conf_threshold and use_adapt_threshold need use_shallow_deep with parallel "
+                         "decoding (parallel_gen_token=True, copy_skipped_hidden_states=False).")
+    _check_range("adapt_threshold_level", args.adapt_threshold_level, 0, 1, low_open=True, high_open=True)
+    if isinstance(args.adapt_threshold_samples, bool) or not isinstance(args.adapt_threshold_samples, int) \
+            or args.adapt_threshold_samples < 1:
+        raise ValueError(f"adapt_threshold_samples={args.adapt_threshold_samples!r} must be a positive integer.")
     if args.intermediate_loss_fn is not None:
         if args.intermediate_loss_fn not in INTERMEDIATE_LOSSES:
             raise ValueError(f"intermediate_loss_fn={args.intermediate_loss_fn!r} is unknown; allowed values: {', '.join(INTERMEDIATE_LOSSES)}.")
         if not args.output_hidden_states_decoder:
             raise ValueError("intermediate_loss_fn needs output_hidden_states_decoder=True.")
+        _check_intermediate_loss(args)
+    elif args.distill_layer_alpha is not None or args.do_layer_transformation:
+        raise ValueError("distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* intermediate_loss_fn.")
     if args.train_meta_cm_head:
         if not args.output_hidden_states_decoder:
             raise ValueError("train_meta_cm_head needs output_hidden_states_decoder=True.")
@@ -216,6 +236,11 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
     for name, is_on in _NOT_IMPLEMENTED.items():
         if is_on(args):
             raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
+
+
+def uses_parallel_decoding(args) -> bool:
+    """FREE fills skipped tokens' deep states by a parallel pass, unless told to copy them."""
+    return args.parallel_gen_token and not args.copy_skipped_hidden_states
 
 
 def update_autoconfig(config, additional_args: AdditionalArguments, **kwargs):

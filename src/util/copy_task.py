@@ -1,5 +1,7 @@
 """A copy task and a tiny T5 trained on it in seconds: the smallest model on which early exit
-does something real (some tokens are easy for shallow layers, others are not)."""
+does something real. Each source token is copied and followed by its successor (x, x+1): the
+successor is predictable from the previous output alone, so shallow layers are confident on it,
+while a copied token needs the encoder and deeper layers."""
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +20,14 @@ def copy_config(**overrides) -> T5Config:
 
 
 def copy_batch(generator: torch.Generator, batch: int, length: int, vocab: int):
-    """Random sources; the target is the source followed by EOS."""
-    source = torch.randint(2, vocab, (batch, length), generator=generator)
-    labels = torch.cat([source, torch.full((batch, 1), EOS)], dim=1)
+    """Random sources; the target is x1, x1+1, x2, x2+1, ..., EOS."""
+    source = torch.randint(2, vocab - 1, (batch, length), generator=generator)
+    pairs = torch.stack([source, source + 1], dim=-1).flatten(1)
+    labels = torch.cat([pairs, torch.full((batch, 1), EOS)], dim=1)
     return source, labels
 
 
-def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 8):
+def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 5):
     """Train with the loss of every decoder layer's output (each through the model's own head),
     so that intermediate layers become confident on some tokens and not on others."""
     torch.manual_seed(seed)

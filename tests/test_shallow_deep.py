@@ -1,0 +1,195 @@
+"""FREE: shallow-deep module, synchronized parallel decoding, rollback and adaptive threshold."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine_helpers import (
+    EOS,
+    copy_inputs,
+    reference_decode,
+    set_flags,
+    threshold_rule,
+    trained_copy_model,
+)
+from models.adaptive_threshold import BetaMixtureThreshold, posterior_threshold
+from models.confidence import softmax_confidence
+from models.decode_loop import output_logits
+
+SHALLOW = 3
+L = 4
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    return trained_copy_model(4, torch.float64)
+
+
+
+
+def free_flags(threshold, **extra):
+    return dict(use_shallow_deep=True, shallow_exit_layer=SHALLOW, shallow2deep_conf_type="softmax",
+                shallow2deep_conf_threshold=threshold, **extra)
+
+
+def decode(model, input_ids, **flags):
+    set_flags(model, **flags)
+    out = model.generate(input_ids=input_ids, max_new_tokens=12)
+    return out[0].tolist(), model.exit_stats()
+
+
+@torch.no_grad()
+def reference_free(model, input_ids, max_new_tokens, threshold, rollback=None):
+    """FREE without any cache: every step runs HF's own forward over the whole prefix, so the
+    stacked shallow tokens always have their true deep states."""
+    tokens, exits, pending = [model.config.decoder_start_token_id], [], []
+    while len(tokens) <= max_new_tokens:
+        out = model(input_ids=input_ids, decoder_input_ids=torch.tensor([tokens]), output_hidden_states=True,
+                    use_cache=False)
+        t = len(tokens) - 1
+        shallow = out.decoder_hidden_states[SHALLOW][:, t : t + 1]
+        if softmax_confidence(output_logits(model, shallow)).item() > threshold:
+            tokens.append(int(output_logits(model, shallow).argmax()))
+            exits.append(SHALLOW)
+            pending.append(t)
+        else:
+            deep = out.logits[0]
+            rejected = [p for p in pending if rollback is not None
+                        and F.cross_entropy(deep[p : p + 1].float(), torch.tensor([tokens[p + 1]])).item() > rollback]
+            pending = []
+            if rejected:
+                p = rejected[0]
+                tokens, exits = tokens[: p + 1] + [int(deep[p].argmax())], exits[:p] + [L]
+            else:
+                tokens.append(int(deep[t].argmax()))
+                exits.append(L)
+        if tokens[-1] == EOS:
+            break
+    return tokens, exits
+
+
+def test_a_threshold_nothing_passes_equals_the_full_model(copy_model):
+    for input_ids in copy_inputs(1, count=3):
+        full, _ = decode(copy_model, input_ids)
+        tokens, stats = decode(copy_model, input_ids, **free_flags(1.0))
+        assert tokens == full
+        assert stats["block_avg"] == L and stats["deep_tokens"] == stats["tokens"] and stats["shallow_tokens"] == 0
+
+
+def test_threshold_zero_equals_a_static_exit_at_the_shallow_layer(copy_model):
+    for input_ids in copy_inputs(2, count=3):
+        static, _ = decode(copy_model, input_ids, static_exit_layer=SHALLOW)
+        tokens, stats = decode(copy_model, input_ids, **free_flags(0.0))
+        assert tokens == static
+        assert stats["block_avg"] == SHALLOW and stats["deep_tokens"] == 0
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_mixed_exits_equal_the_cache_free_reference(copy_model, threshold):
+    parallel = 0
+    for input_ids in copy_inputs(3):
+        tokens, stats = decode(copy_model, input_ids, **free_flags(threshold))
+        expected_tokens, expected_exits = reference_free(copy_model, input_ids, 12, threshold)
+        assert tokens == expected_tokens
+        assert stats["exit_layers"][0] == expected_exits
+        parallel += stats["parallel_tokens"]
+    assert parallel > 0, "no parallel pass happened: the test would prove nothing"
+
+
+def test_block_avg_counts_the_parallel_recomputation(copy_model):
+    _, stats = decode(copy_model, copy_inputs(4, count=1)[0], **free_flags(0.5))
+    assert stats["parallel_tokens"] > 0
+    assert stats["block_op"][:SHALLOW] == [stats["tokens"]] * SHALLOW
+    assert stats["block_op"][SHALLOW:] == [stats["deep_tokens"] + stats["parallel_tokens"]] * (L - SHALLOW)
+    assert stats["block_avg"] == pytest.approx(sum(stats["block_op"]) / stats["tokens"])
+    assert stats["shallow_tokens"] + stats["deep_tokens"] == stats["tokens"]
+
+
+def test_rollback_at_threshold_zero_recovers_the_full_model(copy_model):
+    rollbacks = 0
+    for input_ids in copy_inputs(5, count=3):
+        full, _ = decode(copy_model, input_ids)
+        tokens, stats = decode(copy_model, input_ids, **free_flags(0.5, rollback_conf_threshold=0.0))
+        # every stacked token is re-checked by the deep pass, so wrong shallow tokens are replaced
+        assert tokens[: len(full)] == full[: len(tokens)]
+        rollbacks += stats["rollbacks"]
+    assert rollbacks > 0
+
+
+@pytest.mark.parametrize("rollback", [0.05, 0.5])
+def test_rollback_equals_the_cache_free_reference(copy_model, rollback):
+    for input_ids in copy_inputs(6):
+        tokens, stats = decode(copy_model, input_ids, **free_flags(0.5, rollback_conf_threshold=rollback))
+        expected_tokens, expected_exits = reference_free(copy_model, input_ids, 12, 0.5, rollback)
+        assert tokens == expected_tokens
+        assert stats["exit_layers"][0] == expected_exits
+
+
+def test_copied_skipped_states_equal_calm_early_exit_at_the_shallow_layer_only(copy_model):
+    for input_ids in copy_inputs(7, count=3):
+        tokens, stats = decode(copy_model, input_ids, **free_flags(0.5, copy_skipped_hidden_states=True))
+        rule = threshold_rule(copy_model, "softmax", 0.5, SHALLOW)
+        only_shallow = lambda layer, *rest: layer == SHALLOW and rule(layer, *rest)  # noqa: E731
+        expected_tokens, expected_exits = reference_decode(copy_model, input_ids, 12, only_shallow)
+        assert (tokens, stats["exit_layers"][0]) == (expected_tokens, expected_exits)
+
+
+def test_non_causal_parallel_mask_runs_and_all_deep_still_equals_the_full_model(copy_model):
+    input_ids = copy_inputs(8, count=1)[0]
+    full, _ = decode(copy_model, input_ids)
+    assert decode(copy_model, input_ids, **free_flags(1.0, parallel_causal_mask=False))[0] == full
+    tokens, stats = decode(copy_model, input_ids, **free_flags(0.5, parallel_causal_mask=False))
+    assert len(tokens) > 1 and stats["tokens"] == len(tokens) - 1
+
+
+# ----- the adaptive threshold ----------------------------------------------------------------------
+
+
+def test_estimator_recovers_a_known_threshold_from_beta_samples():
+    torch.manual_seed(0)
+    agree = torch.distributions.Beta(8.0, 2.0).sample((4000,)).double()
+    disagree = torch.distributions.Beta(2.0, 6.0).sample((4000,)).double()
+    true_threshold = posterior_threshold((8.0, 2.0), (2.0, 6.0), 0.5, 0.9)
+    assert 0.3 < true_threshold < 0.9
+    estimator = BetaMixtureThreshold(initial=1.0, level=0.9, refit_samples=10)
+    for value in agree.tolist():
+        estimator.observe(value, True)
+    for value in disagree.tolist():
+        estimator.observe(value, False)
+    estimator.end_sample()
+    assert estimator.threshold == pytest.approx(true_threshold, abs=0.02)
+
+
+def test_estimator_keeps_its_threshold_until_both_classes_are_seen_and_stops_refitting():
+    estimator = BetaMixtureThreshold(initial=0.7, level=0.9, refit_samples=1)
+    for value in (0.2, 0.9, 0.95):
+        estimator.observe(value, True)
+    estimator.end_sample()
+    assert estimator.threshold == 0.7  # one class only
+    for value in (0.1, 0.3, 0.2):
+        estimator.observe(value, False)
+    estimator.end_sample()  # past refit_samples: no refit
+    assert estimator.threshold == 0.7
+
+
+def test_adaptive_threshold_is_estimated_while_decoding(copy_model):
+    copy_model.threshold_estimator = None
+    thresholds = []
+    for input_ids in copy_inputs(9, count=6):
+        _, stats = decode(copy_model, input_ids, **free_flags(0.5, use_adapt_threshold=True, adapt_threshold_samples=50))
+        thresholds.append(stats["adaptive_threshold"])
+    estimator = copy_model.threshold_estimator
+    assert estimator.samples_seen == 6 and len(estimator.confidences) > 0
+    assert all(0.0 < value <= 1.0 for value in thresholds)
+    copy_model.threshold_estimator = None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (free_flags(0.5, rollback_conf_threshold=1.0, parallel_gen_token=False), "parallel"),
+    (free_flags(0.5, use_adapt_threshold=True, copy_skipped_hidden_states=True), "parallel"),
+    (dict(use_early_exit=True, exit_conf_type="softmax", rollback_conf_threshold=1.0), "use_shallow_deep"),
+    (free_flags(0.5, adapt_threshold_level=1.0, use_adapt_threshold=True), "adapt_threshold_level"),
+])
+def test_bad_free_flags_raise_clear_errors(copy_model, flags, message):
+    with pytest.raises(ValueError, match=message):
+        set_flags(copy_model, **flags)
