@@ -29,8 +29,7 @@ from tasks import runner  # noqa: E402
 from tasks.adapters import QuestionAnswering, Summarization, Translation  # noqa: E402
 from util.pareto import write_pareto_report  # noqa: E402
 
-TASKS = {"qa": (QuestionAnswering, "eval_f1"), "summarization": (Summarization, "eval_rougeL"),
-         "translation": (Translation, "eval_bleu")}
+TASKS = {"qa": QuestionAnswering, "summarization": Summarization, "translation": Translation}
 COSTS = ("block_avg", "flops", "wall_time")
 
 
@@ -106,7 +105,7 @@ def run_cell(task, task_argv, cell_dir, flags) -> Optional[dict]:
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args, task_argv = parse(argv)
-    task_class, quality = TASKS[args.task]
+    task_class = TASKS[args.task]
     rows, skipped = [], {}
     cells = grid(args)
     for name, flags in tqdm(cells.items(), desc="sweep cells"):
@@ -121,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         rows.append(cell_row(name, flags, results))
     if skipped:
         print("skipped cells:\n" + "\n".join(f"  {name}: {why}" for name, why in skipped.items()))
-    write_pareto_report(rows, args.output_dir, quality_key=quality[len("eval_"):], cost_keys=COSTS,
+    write_pareto_report(rows, args.output_dir, quality_key=task_class.main_metric, cost_keys=COSTS,
                         label_keys=("cell",))
     print(f"{len(rows)} cells in {os.path.join(args.output_dir, 'sweep.md')}")
     return rows

@@ -223,3 +223,31 @@ def test_output_head_on_the_last_block_reproduces_the_models_logits():
     model.decoder.block[-1].register_forward_hook(lambda module, args, out: captured.append(out[0]))
     out = model(input_ids=random_inputs(12, count=1)[0], decoder_input_ids=torch.tensor([[0, 5, 9]]))
     assert torch.equal(output_logits(model, captured[0]), out.logits)
+
+
+# ----- plotting_logits: per-layer traces -------------------------------------------------------
+
+
+@torch.no_grad()
+def test_layer_traces_decode_the_full_model_and_match_hf_hidden_states(copy_model):
+    input_ids = copy_inputs(12, count=1)[0]
+    set_flags(copy_model)
+    full = copy_model.generate(input_ids=input_ids, max_new_tokens=12)
+    set_flags(copy_model, use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.8, plotting_logits=True)
+    traced = copy_model.generate(input_ids=input_ids, max_new_tokens=12)
+    assert torch.equal(traced, full)
+    trace = copy_model.exit_stats()["layer_traces"][0]
+    out = copy_model(input_ids=input_ids, decoder_input_ids=full[:, :-1], output_hidden_states=True)
+    raw = list(out.decoder_hidden_states[1:-1])  # blocks 1..L-1; block L's own output gives out.logits
+    for t, final in enumerate(full[0, 1:].tolist()):
+        for layer in range(1, 5):
+            logits = output_logits(copy_model, raw[layer - 1])[0, t] if layer < 4 else out.logits[0, t]
+            assert trace["ranks"][t][layer - 1] == int((logits > logits[final]).sum())
+            assert trace["agrees"][t][layer - 1] == (int(logits.argmax()) == final)
+            assert trace["max_probs"][t][layer - 1] == pytest.approx(logits.softmax(-1).max().item(), rel=1e-5)
+        assert trace["ranks"][t][-1] == 0 and trace["agrees"][t][-1]
+        confidences = trace["confidences"][t]
+        assert confidences[-1] != confidences[-1]  # NaN: no confidence at the last layer
+        expected_exit = next((layer for layer in range(1, 4) if confidences[layer - 1] > 0.8), 4)
+        assert trace["exit_layers"][t] == expected_exit
+    assert copy_model.exit_stats()["block_avg"] == 4  # every layer really ran

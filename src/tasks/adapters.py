@@ -19,6 +19,7 @@ _LENGTH_ARGUMENTS = ("max_seq_length", "max_answer_length", "max_source_length",
 
 class TaskAdapter:
     name = ""
+    main_metric = ""  # the quality metric of sweeps and static-exit plots
     own_arguments = ()  # task-specific arguments this task reads
     defaults: Dict[str, object] = {}
     reference_column_arg = ""  # the argument naming the column that holds the references
@@ -124,6 +125,7 @@ def answer_lists(value):
 
 class QuestionAnswering(TaskAdapter):
     name = "question answering"
+    main_metric = "f1"
     own_arguments = ("question_column", "context_column", "answer_column", "max_seq_length", "max_answer_length")
     defaults = {"question_column": "question", "context_column": "context", "answer_column": "answers",
                 "max_seq_length": 384, "max_answer_length": 30, "source_prefix": ""}
@@ -184,6 +186,7 @@ SUMMARIZATION_DATASETS = {
 
 class Summarization(TaskAdapter):
     name = "summarization"
+    main_metric = "rougeL"
     own_arguments = ("text_column", "summary_column", "max_source_length", "max_target_length", "val_max_target_length")
     defaults = {"text_column": "text", "summary_column": "summary", "max_source_length": 1024,
                 "max_target_length": 128, "source_prefix": "summarize: "}
@@ -223,6 +226,7 @@ TRANSLATION_COLUMN = "translation"  # rows hold {"translation": {source_lang: ..
 
 class Translation(TaskAdapter):
     name = "translation"
+    main_metric = "bleu"
     own_arguments = ("source_lang", "target_lang", "max_source_length", "max_target_length", "val_max_target_length")
     defaults = {"max_source_length": 1024, "max_target_length": 128}
 

@@ -1,0 +1,52 @@
+"""Diagnostics of a deploy-scenario evaluation: trace files beside the results, plots under plots/.
+
+With `--plotting_logits`, every sample's per-layer trace (ranks, confidences, max probabilities,
+agreement, would-be exit layers) is pooled into one LayerTrace; the task metric of a static exit
+at each decoder layer is measured too, and every plot of util.plots is drawn. With
+`--render_jsds`, the discounted JSD of each candidate amateur layer per token is saved and drawn
+as a heat map.
+"""
+
+import os
+from typing import Callable, Dict, List, Optional
+
+from tqdm import tqdm
+
+from util.additional_args import AdditionalArguments, update_autoconfig
+from util.diagnostics import JsdStep, JsdTrace, LayerTrace, write_trace_files
+from util.plots import plot_all
+
+PLOTS_ROOT = "plots"
+
+
+def pooled_trace(layer_traces: List[dict]) -> LayerTrace:
+    """One LayerTrace over the tokens of every sample."""
+    fields = ("ranks", "confidences", "max_probs", "agrees", "exit_layers")
+    pooled = {name: [row for trace in layer_traces for row in trace[name]] for name in fields}
+    return LayerTrace(num_layers=len(layer_traces[0]["ranks"][0]), **pooled)
+
+
+def static_exit_metrics(evaluate: Callable[[AdditionalArguments], dict], model, additional_args, metric: str
+                        ) -> Dict[int, float]:
+    """The task metric of a static exit at every decoder layer; the model's flags are restored."""
+    results = {}
+    try:
+        for layer in tqdm(range(1, model.config.num_decoder_layers + 1), desc="static exit per layer"):
+            static = AdditionalArguments(deploy_scenario=True, static_exit_layer=layer)
+            update_autoconfig(model.config, static)
+            results[layer] = evaluate(static)[metric]
+    finally:
+        update_autoconfig(model.config, additional_args)
+    return results
+
+
+def write_diagnostics(output_dir: str, prefix: str, layer_traces: List[dict], jsd_steps: List[dict],
+                      static_metric: Optional[Dict[int, float]], metric: str) -> List[str]:
+    """Trace files to <output_dir>/<prefix>_diagnostics/, plots to plots/<run name>/; returns the paths."""
+    trace = pooled_trace(layer_traces) if layer_traces else None
+    jsd = JsdTrace(steps=[JsdStep(**step) for step in jsd_steps]) if jsd_steps else None
+    run_name = os.path.basename(os.path.normpath(output_dir)) + ("" if prefix == "eval" else f"_{prefix}")
+    paths = write_trace_files(os.path.join(output_dir, f"{prefix}_diagnostics"), trace, jsd)
+    paths += plot_all(trace, os.path.join(PLOTS_ROOT, run_name), static_metric=static_metric, jsd_trace=jsd,
+                      run_name=run_name, metric_name=metric)
+    return [str(p) for p in paths]

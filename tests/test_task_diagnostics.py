@@ -1,0 +1,53 @@
+"""plotting_logits and render_jsds through the task pipeline: trace files and plots are written."""
+
+import json
+import os
+
+import pytest
+
+from tasks import diagnostics, runner
+from tasks.adapters import QuestionAnswering
+from util.diagnostics import load_json
+from util.toy_models import build_toy_t5, train_toy_tokenizer
+
+CONTEXTS = ["The river Lune flows past the old mill in Halton.", "Mira keeps three blue boats near the harbour."]
+QUESTIONS = [("Which river flows past the mill?", "Lune"), ("How many boats does Mira keep?", "three")]
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qa_diag")
+    rows = []
+    for i, (context, (question, answer)) in enumerate(zip(CONTEXTS, QUESTIONS)):
+        rows.append({"id": str(i), "question": question, "context": context,
+                     "answers": {"text": [answer], "answer_start": [context.index(answer)]}})
+    path = folder / "dev.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    model_dir = str(folder / "model")
+    tokenizer = train_toy_tokenizer([f"question: {q} context: {c}" for c, (q, _) in zip(CONTEXTS, QUESTIONS)],
+                                    vocab_size=120)
+    build_toy_t5(tokenizer, num_layers=2, num_decoder_layers=4, save_dir=model_dir)
+    return str(path), model_dir
+
+
+def test_plots_and_traces_of_a_deploy_run(qa_data, tmp_path, monkeypatch):
+    data, model_dir = qa_data
+    monkeypatch.setattr(diagnostics, "PLOTS_ROOT", str(tmp_path / "plots"))
+    out = str(tmp_path / "run")
+    results = runner.run(QuestionAnswering(), [
+        "--model_name_or_path", model_dir, "--validation_file", data, "--do_eval", "--output_dir", out,
+        "--max_answer_length", "4", "--deploy_scenario", "True", "--use_early_exit", "True",
+        "--exit_conf_type", "JSD_contrastive_confidence", "--exit_min_layer", "3", "--exit_conf_threshold", "0.5",
+        "--plotting_logits", "True", "--render_jsds", "True", "--disable_tqdm", "True",
+    ])
+    trace = load_json(os.path.join(out, "eval_diagnostics", "layer_trace.json"))
+    assert trace.num_layers == 4 and trace.num_tokens == results["eval_tokens"]
+    jsd = load_json(os.path.join(out, "eval_diagnostics", "jsd_trace.json"))
+    assert len(jsd.steps) == results["eval_tokens"]
+    assert all(step.chosen in step.jsd for step in jsd.steps)
+    plots = sorted(os.listdir(tmp_path / "plots" / "run"))
+    assert plots == ["calibration.png", "exit_layer_histogram.png", "jsd_heatmap.png", "ranks_per_layer.png",
+                     "static_exit_metric.png"]
+    for name in plots:
+        with open(tmp_path / "plots" / "run" / name, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
