@@ -31,6 +31,8 @@ from util.pareto import write_pareto_report  # noqa: E402
 
 TASKS = {"qa": QuestionAnswering, "summarization": Summarization, "translation": Translation}
 COSTS = ("block_avg", "flops", "wall_time")
+# "+rerank": progressive pruning, the retained set re-ranked by each layer's own scores
+REDUCTIONS = ("none", "fixed", "decaying", "adaptive", "decaying+rerank", "adaptive+rerank")
 
 
 def _floats(text: str) -> List[float]:
@@ -50,13 +52,13 @@ def parse(argv: Optional[List[str]] = None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--thresholds", type=_floats, default=[0.5, 0.7, 0.9])
     parser.add_argument("--conf_types", default="softmax")
-    parser.add_argument("--reductions", default="none")
+    parser.add_argument("--reductions", default="none", help=f"comma-separated, of: {', '.join(REDUCTIONS)}")
     parser.add_argument("--min_layers", type=_ints, default=[1])
     parser.add_argument("--static_layers", type=_ints, default=[], help="static-exit reference cells")
     args = parser.parse_args(own)
     for reduction in args.reductions.split(","):
-        if reduction not in ("none", "fixed", "decaying", "adaptive"):
-            raise ValueError(f"--reductions: {reduction!r} is not one of none, fixed, decaying, adaptive.")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"--reductions: {reduction!r} is not one of {', '.join(REDUCTIONS)}.")
     if not task_argv:
         raise ValueError("give the task script's arguments (model and data) after `--`.")
     if "--output_dir" in task_argv:
@@ -74,7 +76,8 @@ def grid(args) -> Dict[str, List[str]]:
         flags = ["--use_early_exit", "True", "--exit_conf_type", conf, "--exit_conf_threshold", str(threshold),
                  "--exit_min_layer", str(layer)]
         if reduction != "none":
-            flags += ["--type_vocab_reduct", reduction]
+            mode, _, rerank = reduction.partition("+")
+            flags += ["--type_vocab_reduct", mode] + (["--vocab_rerank", "True"] if rerank else [])
         cells[f"{conf}-t{threshold}-{reduction}-m{layer}"] = flags
     return cells
 
@@ -83,7 +86,7 @@ def cell_row(name: str, flags: List[str], results: dict) -> dict:
     settings = dict(zip(flags[::2], flags[1::2]))
     row = {"cell": name, "conf_type": settings.get("--exit_conf_type", "-"),
            "threshold": settings.get("--exit_conf_threshold", "-"),
-           "reduction": settings.get("--type_vocab_reduct", "none"),
+           "reduction": settings.get("--type_vocab_reduct", "none") + ("+rerank" if "--vocab_rerank" in settings else ""),
            "min_layer": settings.get("--exit_min_layer", "-"),
            "static_layer": settings.get("--static_exit_layer", "-")}
     row.update({k[len("eval_"):]: v for k, v in results.items() if k.startswith("eval_") and not isinstance(v, list)})
