@@ -13,8 +13,8 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
 TASK=${TASK:-qa}                                   # qa | summarization | translation
-MODEL=${MODEL:-cache/demo_model}                   # a fine-tuned checkpoint (the demo's by default)
-VALIDATION_FILE=${VALIDATION_FILE:-cache/demo_data/validation.json}
+MODEL=${MODEL:-cache/demo_model/model}              # a fine-tuned checkpoint (the demo model by default)
+VALIDATION_FILE=${VALIDATION_FILE:-cache/demo_model/data/eval.json}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/sweep_$TASK}
 THRESHOLDS=${THRESHOLDS:-0.5,0.7,0.8,0.9,0.95}
 CONF_TYPES=${CONF_TYPES:-softmax,reweight_contrastive_decoding,JSD_contrastive_confidence}
