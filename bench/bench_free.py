@@ -47,9 +47,11 @@ def main():
     parser.add_argument("--max_eval_samples", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shallow_exit_layer", type=int, default=2)
+    parser.add_argument("--model_dir", type=Path, default=MODEL)
+    parser.add_argument("--eval_file", type=Path, default=DATA)
     args = parser.parse_args()
-    if not (MODEL.is_dir() and DATA.is_file()):
-        raise SystemExit(f"the demo model is not cached in {MODEL.parent}: run `make demo` first.")
+    if not (args.model_dir.is_dir() and args.eval_file.is_file()):
+        raise SystemExit(f"no model in {args.model_dir} or no data at {args.eval_file}: run `make demo` first.")
 
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -57,7 +59,7 @@ def main():
             for name, flags in settings(args.shallow_exit_layer).items():
                 out = os.path.join(scratch, f"{round_index}-{len(results.get(name, []))}-{abs(hash(name))}")
                 metrics = runner.run(QuestionAnswering(), [
-                    "--model_name_or_path", str(MODEL), "--validation_file", str(DATA), "--do_eval",
+                    "--model_name_or_path", str(args.model_dir), "--validation_file", str(args.eval_file), "--do_eval",
                     "--output_dir", out, "--max_eval_samples", str(args.max_eval_samples),
                     "--deploy_scenario", "True", "--disable_tqdm", "True", *flags])
                 results.setdefault(name, []).append(metrics)
@@ -76,7 +78,8 @@ def main():
                      "-" if row["rollbacks"] is None else int(row["rollbacks"])])
     print(f"demo QA model, {args.max_eval_samples} questions, median of {args.rounds} rounds")
     print_table(["setting", "F1", "EM", "block_avg", "tokens/s", "vs full", "rollbacks"], rows)
-    print(f"\nsaved {save_results('bench_free', {'args': vars(args), 'results': summary})}")
+    saved = save_results("bench_free", {"args": {k: str(v) for k, v in vars(args).items()}, "results": summary})
+    print(f"\nsaved {saved}")
 
 
 if __name__ == "__main__":
