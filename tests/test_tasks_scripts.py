@@ -27,11 +27,18 @@ FLAGS = ("--static_exit_layer", "--exit_conf_type softmax", "--exit_conf_type me
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_script_is_valid_bash_and_offers_every_method(name):
+def test_script_is_valid_bash_and_runs_its_entry_point_through_the_shared_sections(name):
     path = os.path.join(ROOT, "scripts", name)
     subprocess.run(["bash", "-n", path], check=True)
     text = open(path).read()
-    assert SCRIPTS[name] in text
+    assert f"ENTRY={SCRIPTS[name]}\n" in text
+    assert 'source "$(dirname "$0")/common.sh"' in text
+
+
+def test_shared_sections_offer_every_method_and_flag():
+    path = os.path.join(ROOT, "scripts", "common.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
     for method in METHODS:
         assert f"\n  {method})" in text, method
     for flag in FLAGS:
