@@ -295,7 +295,7 @@ class SequenceDecoder:
         if scorer is not None:
             scorer.start_token()
         hidden = self.embed(token)
-        layer_logits, confidences, would_exit = [], [], policy.num_layers
+        layer_logits, confidences, would_exit = [], [], None
         for j in range(policy.num_layers):
             previous, hidden = hidden, self._block(j, hidden, t)
             confidence = float("nan")
@@ -303,7 +303,7 @@ class SequenceDecoder:
                 scorer.remember(j + 1, hidden)
                 if policy.checks(j + 1):
                     confidence = scorer.confidence(j + 1, hidden, previous)
-                    if confidence > threshold and would_exit == policy.num_layers:
+                    if confidence > threshold and would_exit is None:
                         would_exit = j + 1
             confidences.append(confidence)
             layer_logits.append(output_logits(self.model, hidden)[0, -1])
@@ -313,7 +313,7 @@ class SequenceDecoder:
         self.trace["confidences"].append(confidences)
         self.trace["max_probs"].append(logits.float().softmax(-1).max(-1).values.tolist())
         self.trace["agrees"].append((logits.argmax(-1) == final).tolist())
-        self.trace["exit_layers"].append(would_exit)
+        self.trace["exit_layers"].append(would_exit or policy.last_layer)
         return final.view(1, 1), policy.num_layers
 
 
