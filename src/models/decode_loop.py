@@ -10,6 +10,9 @@ Skipped blocks (state propagation): when a token exits at layer e, every block j
 its key/value for that position. They are projected from the copied state h_e, lazily: only
 when a later token first reaches block j, in one batched projection for all pending positions.
 A block no token reaches again (static exit) is never projected at all.
+
+A block can also run several consecutive positions at once (causal among themselves, with their
+own relative position bias): FREE's synchronized parallel pass (models.shallow_deep) uses that.
 """
 
 import math
