@@ -24,16 +24,20 @@ import transformers
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
                           T5ForConditionalGeneration, set_seed)
+from transformers.training_args import ParallelMode
 
 from models.deploying_t5 import DeployT5ForConditionalGeneration
+from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
+from tasks.diagnostics import static_exit_metrics, write_diagnostics
 from util.additional_args import update_autoconfig
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SUMMED_COUNTS = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
 # flags that change how tokens are decoded: only the deploy decoder honours them
 DECODING_FLAGS = ("static_exit_layer", "use_early_exit", "use_shallow_deep", "type_vocab_reduct", "count_flops")
 # split -> prefix of its metric names and result files (HF's convention)
@@ -43,9 +47,9 @@ ALL_RESULTS_FILE = "all_results.json"
 
 
 def model_class(training: bool, deploy: bool):
-    """The model class of each stage, chosen here only (a later issue swaps the training one)."""
+    """The model class of each stage, chosen here only."""
     if training:
-        return T5ForConditionalGeneration
+        return TrainT5ForConditionalGeneration  # adds the intermediate-layer and meta-head losses
     return DeployT5ForConditionalGeneration if deploy else T5ForConditionalGeneration
 
 
@@ -61,6 +65,10 @@ def check_run_arguments(training_args, additional_args) -> None:
                                  "batched evaluation runs the full model.")
     if training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy must stay 'no': evaluation runs after training, with --do_eval.")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ValueError(f"launched as {processes} processes, but the Trainer would not join them (DDP): "
+                         "without a GPU, pass --use_cpu True so that they train together over gloo.")
 
 
 def run_files(output_dir: str) -> List[str]:
@@ -156,6 +164,7 @@ def train(task, model_args, data_args, training_args, config, tokenizer, raw_spl
     """Fine-tune, save model and tokenizer to output_dir, return the train_* metrics."""
     model = model_class(training=True, deploy=False).from_pretrained(
         model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
+    model = prepare_for_training(model)  # LoRA adapters, or everything but the meta head frozen
     features = training_features(task, raw_split.dataset, tokenizer, data_args, data_args.preprocessing_num_workers)
     trainer = Seq2SeqTrainer(
         model=model,
@@ -165,6 +174,7 @@ def train(task, model_args, data_args, training_args, config, tokenizer, raw_spl
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.model = merged_for_saving(trainer.model)  # LoRA merged: the checkpoint is a plain T5
     trainer.save_model()  # model, config (with the flags) and tokenizer
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(features)
@@ -181,7 +191,10 @@ class ExitStatsTotals:
         self.weighted_blocks = 0.0
         self.block_op: List[int] = []
         self.exit_layer_counts: List[int] = []
-        self.sums = defaultdict(float)  # time_* and flops_* figures
+        self.sums = defaultdict(float)  # time_* and flops_* figures, FREE's token counts
+        self.layer_traces: List[dict] = []  # plotting_logits: one per sample
+        self.jsd_steps: List[dict] = []  # render_jsds: one per generated token
+        self.last = {}  # figures that are states, not sums (the adaptive threshold)
 
     def add(self, stats: dict) -> None:
         self.samples += 1
@@ -191,8 +204,13 @@ class ExitStatsTotals:
         self.exit_layer_counts = _add_lists(self.exit_layer_counts, stats["exit_layer_counts"])
         for key, value in stats.items():
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if numeric and (key.startswith("time_") or key.startswith("flops_")):
+            if numeric and (key.startswith("time_") or key.startswith("flops_") or key in SUMMED_COUNTS):
                 self.sums[key] += value
+        if "adaptive_threshold" in stats:
+            self.last["adaptive_threshold"] = stats["adaptive_threshold"]
+        self.layer_traces.extend(trace for trace in stats.get("layer_traces", []) if trace)
+        for steps in stats.get("jsd_steps", []):
+            self.jsd_steps.extend(steps)
 
     def metrics(self) -> dict:
         out = {
@@ -201,6 +219,7 @@ class ExitStatsTotals:
             "exit_layer_counts": self.exit_layer_counts,
             "tokens": self.tokens,
         }
+        out.update(self.last)
         for key, total in sorted(self.sums.items()):
             out[key] = total
             if key.startswith("flops_"):
@@ -247,13 +266,14 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
 
 
 def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, data_args, training_args,
-                   additional_args) -> Tuple[dict, List[dict]]:
-    """Metrics (without prefix) and prediction records of one split."""
+                   additional_args, stats: Optional[ExitStatsTotals] = None) -> Tuple[dict, List[dict]]:
+    """Metrics (without prefix) and prediction records of one split (exit statistics into `stats`)."""
     deploy = additional_args.deploy_scenario
     source_length, _, generated_length = task.lengths(data_args)
     rows = list(raw_split.dataset)
     sources = [task.source_text(r, data_args) for r in rows]
-    stats = ExitStatsTotals() if deploy else None
+    if deploy and stats is None:
+        stats = ExitStatsTotals()
     began = time.perf_counter()
     texts, lengths, exits = generate_predictions(
         model, tokenizer, sources, source_length,
@@ -334,7 +354,9 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     splits = wanted_splits(training_args)
     check_data_arguments(data_args, splits)
     output_dir = training_args.output_dir
-    check_output_dir(output_dir, data_args.overwrite_output_dir)
+    # under torchrun / accelerate launch, process 0 alone checks and writes output_dir and evaluates
+    main_process = training_args.process_index == 0
+    check_output_dir(output_dir, data_args.overwrite_output_dir or not main_process)
     tokenizer = load_tokenizer(model_args)
     config = load_config(model_args, tokenizer, additional_args)
     raw = load_raw_splits(data_args, splits, model_args.cache_dir)
@@ -342,22 +364,35 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     for name, raw_split in raw.items():
         with_references[name] = task.check_columns(raw_split, data_args)
         task.check_rows(raw_split, data_args, with_references[name])
-    prepare_output_dir(output_dir)  # every input is valid: only now is anything written
-    save_run_config(output_dir, task, argv, model_args, data_args, training_args, additional_args)
+    if main_process:
+        prepare_output_dir(output_dir)  # every input is valid: only now is anything written
+        save_run_config(output_dir, task, argv, model_args, data_args, training_args, additional_args)
     set_seed(training_args.seed)
 
     results, model_path = {}, model_args.model_name_or_path
     if "train" in raw:
         metrics = train(task, model_args, data_args, training_args, config, tokenizer, raw["train"])
+        if not main_process:
+            return results
         results.update(save_results(output_dir, "train", metrics))
         model_path = output_dir
-    evaluated = [s for s in ("validation", "test") if s in raw]
+    evaluated = [s for s in ("validation", "test") if s in raw and main_process]
     if evaluated:
         model = load_eval_model(model_path, config, additional_args.deploy_scenario, model_args, training_args.device)
         for split in evaluated:
+            stats = ExitStatsTotals() if additional_args.deploy_scenario else None
             metrics, records = evaluate_split(task, raw[split], with_references[split], model, tokenizer,
-                                              data_args, training_args, additional_args)
+                                              data_args, training_args, additional_args, stats)
             results.update(save_results(output_dir, SPLIT_PREFIX[split], metrics, records))
+            if stats is not None and (stats.layer_traces or stats.jsd_steps):
+                static = None
+                if stats.layer_traces and with_references[split]:
+                    static = static_exit_metrics(
+                        lambda args: evaluate_split(task, raw[split], True, model, tokenizer, data_args,
+                                                    training_args, args)[0],
+                        model, additional_args, task.main_metric)
+                write_diagnostics(output_dir, SPLIT_PREFIX[split], stats.layer_traces, stats.jsd_steps, static,
+                                  task.main_metric)
             logger.info("%s results: %s", split, {k: v for k, v in metrics.items() if not isinstance(v, list)})
     return results
 

@@ -1,0 +1,282 @@
+"""T5 for training early exits: losses on intermediate decoder layers, the meta head, LoRA.
+
+    model = TrainT5ForConditionalGeneration.from_pretrained(path, config=config)  # flags in config
+    model = prepare_for_training(model)        # LoRA adapters / freezing for the meta head
+    ... HF Trainer (or any loop): model(**batch).loss ...
+    save_checkpoint(model, tokenizer, out)     # merges LoRA; reloads into DeployT5ForConditionalGeneration
+
+Every intermediate prediction goes through `output_logits` of the decode loop, z_l = W s(norm(h_l)),
+so that training optimises exactly the head decoding uses. Layers are numbered 1..L; h_l is the
+raw output of decoder block l, and layer L's logits are the model's own.
+
+Losses (`intermediate_loss_fn`); CE_l is the token-mean cross-entropy of layer l (labels -100 ignored):
+- `ce`: (1/L) sum_l CE_l.
+- `weighted_ce` (CALM): sum_l l CE_l / sum_l l.
+- `shallowdeep_ce` (FREE): with k = `shallow_exit_layer`, CE_sd = (k CE_k + L CE_L) / (k + L),
+  each of the two layers weighted by its depth, as FREE weights them.
+- `shallowdeep_kd_*`: (1 - alpha) CE_sd + alpha KD, alpha = `distill_layer_alpha`, where
+  KD is the token mean of KL(p_teacher || p_k), teacher distributions detached:
+  - `_last`: the teacher is layer L.
+  - `_unif`: every target token draws its teacher uniformly from layers k+1..L (a generator
+    seeded once per model, so runs repeat).
+  - `_dyna`: FREE's dynamic layer mapping, applied to distributions: every token is distilled
+    from the deep layer j in k+1..L whose distribution is closest to the shallow one, i.e.
+    KD = mean over tokens of min_j KL(p_j || p_k). The shallow layer is pulled towards the deep
+    layer it can best imitate, not forced to match the last one.
+- `do_layer_transformation`: a learnt linear map T (d x d, initialised to the identity) applied to
+  h_k before the head in the distillation term only: KD uses softmax(z(T h_k)). The CE term, and
+  so decoding, keep the plain head on h_k, which the deploy model computes.
+
+Meta head (`train_meta_cm_head`): the rest of the model is frozen; for every layer l in 1..L-1 and
+every target token, label = 1 when argmax z_l equals argmax z_L, else 0; the head sees
+norm(h_l) (as `meta_confidence` does at decoding). The loss is class-balanced: the mean over
+the classes present of each class's mean cross-entropy, so the frequent class does not dominate.
+"""
+
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import T5ForConditionalGeneration
+from transformers import initialization as init
+
+from models.confidence import build_meta_head
+from models.decode_loop import output_logits
+from util.additional_args import AdditionalArguments
+
+IGNORE = -100
+KD_LOSSES = ("shallowdeep_kd_last", "shallowdeep_kd_unif", "shallowdeep_kd_dyna")
+SHALLOW_DEEP_LOSSES = ("shallowdeep_ce",) + KD_LOSSES
+UNIFORM_TEACHER_SEED = 0
+
+
+# ----- the losses on logits (pure functions: tested on hand-computed values) -------------------
+def token_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token values over the tokens whose label is not ignored."""
+    mask = labels != IGNORE
+    return values[mask].sum() / mask.sum().clamp(min=1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy of (B, T, V) logits against (B, T) labels."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) per token, the teacher detached; (..., V) -> (...)."""
+    teacher = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
+def ce_loss(logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """logits[l-1] are layer l's; mean of the layers' cross-entropies."""
+    return sum(cross_entropy(z, labels) for z in logits) / len(logits)
+
+
+def weighted_ce_loss(logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """CALM: layer l's cross-entropy weighted by l / sum(l)."""
+    weights = range(1, len(logits) + 1)
+    return sum(w * cross_entropy(z, labels) for w, z in zip(weights, logits)) / sum(weights)
+
+
+def shallow_deep_ce(shallow: torch.Tensor, last: torch.Tensor, labels: torch.Tensor, k: int, L: int) -> torch.Tensor:
+    """FREE: the shallow (k) and last (L) layers' cross-entropies weighted by depth."""
+    return (k * cross_entropy(shallow, labels) + L * cross_entropy(last, labels)) / (k + L)
+
+
+def distillation(kind: str, student: torch.Tensor, teachers: List[torch.Tensor], labels: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """KD of the shallow layer; teachers are layers k+1..L in order (see the module docstring)."""
+    if kind == "shallowdeep_kd_last":
+        return token_mean(kl_per_token(teachers[-1], student), labels)
+    per_layer = torch.stack([kl_per_token(t, student) for t in teachers])  # (D, B, T)
+    if kind == "shallowdeep_kd_unif":
+        choice = torch.randint(len(teachers), labels.shape, generator=generator).to(per_layer.device)
+        return token_mean(per_layer.gather(0, choice.unsqueeze(0)).squeeze(0), labels)
+    if kind == "shallowdeep_kd_dyna":
+        return token_mean(per_layer.min(dim=0).values, labels)
+    raise ValueError(f"intermediate_loss_fn={kind!r} is not a distillation loss.")
+
+
+def meta_labels(logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """(L-1, B, T): 1 where layer l's argmax equals the last layer's, for l in 1..L-1."""
+    final = logits[-1].argmax(-1)
+    return torch.stack([(z.argmax(-1) == final).long() for z in logits[:-1]])
+
+
+def balanced_cross_entropy(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present of each class's mean cross-entropy; scores (N, C), targets (N,)."""
+    losses = F.cross_entropy(scores.float(), targets, reduction="none")
+    per_class = [losses[targets == c].mean() for c in targets.unique()]
+    return sum(per_class) / len(per_class)
+
+
+def meta_head_loss(cm_head: nn.Module, normed_states: List[torch.Tensor], logits: List[torch.Tensor],
+                   labels: torch.Tensor):
+    """(loss, agreement labels) of the meta head on norm(h_l), l = 1..L-1, valid tokens only."""
+    agreement = meta_labels(logits, labels)
+    mask = (labels != IGNORE).unsqueeze(0).expand_as(agreement)
+    scores = cm_head(torch.stack(normed_states))  # (L-1, B, T, 2)
+    return balanced_cross_entropy(scores[mask], agreement[mask]), agreement
+
+
+# ----- the model --------------------------------------------------------------------------------
+def _uses_meta_head(config) -> bool:
+    return bool(getattr(config, "train_meta_cm_head", False)) or getattr(config, "exit_conf_type", None) == "meta"
+
+
+class TrainT5ForConditionalGeneration(T5ForConditionalGeneration):
+    """HF's T5 whose `loss` includes the intermediate layers chosen by the config's flags."""
+
+    # our loss is a mean per token: the Trainer must scale it for gradient accumulation itself
+    accepts_loss_kwargs = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        if _uses_meta_head(config):
+            self.cm_head = build_meta_head(config.d_model)
+        if getattr(config, "do_layer_transformation", False):
+            self.layer_transformation = nn.Linear(config.d_model, config.d_model, bias=False)
+            with torch.no_grad():
+                self.layer_transformation.weight.copy_(torch.eye(config.d_model))
+        self._uniform_teacher = torch.Generator().manual_seed(UNIFORM_TEACHER_SEED)
+
+    def _init_weights(self, module):
+        # a T absent from the checkpoint starts as the identity (init.* skips loaded weights)
+        if module is getattr(self, "layer_transformation", None):
+            init.eye_(module.weight)
+            return
+        super()._init_weights(module)
+
+    def training_args(self) -> AdditionalArguments:
+        return AdditionalArguments.from_config(self.config)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        args = self.training_args()
+        wants_layers = labels is not None and (args.intermediate_loss_fn is not None or args.train_meta_cm_head)
+        if not wants_layers:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        kwargs["output_hidden_states"] = True
+        kwargs["return_dict"] = True
+        if args.train_meta_cm_head:
+            with torch.no_grad():  # the model is frozen: only the meta head learns
+                out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            out.loss = self._meta_loss(out, labels)
+        else:
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            out.loss = self._intermediate_loss(args, out, labels)
+        return out
+
+    # hidden states: decoder_hidden_states = (embeddings, blocks 1..L-1 raw, block L after the final norm)
+    def _block_output(self, out, layer: int) -> torch.Tensor:
+        return out.decoder_hidden_states[layer]
+
+    def _layer_logits(self, out, layer: int) -> torch.Tensor:
+        if layer == self.config.num_decoder_layers:
+            return out.logits  # the model's own head on h_L
+        return output_logits(self, self._block_output(out, layer))
+
+    def _intermediate_loss(self, args: AdditionalArguments, out, labels: torch.Tensor) -> torch.Tensor:
+        L = self.config.num_decoder_layers
+        name = args.intermediate_loss_fn
+        if name in ("ce", "weighted_ce"):
+            logits = [self._layer_logits(out, layer) for layer in range(1, L + 1)]
+            return ce_loss(logits, labels) if name == "ce" else weighted_ce_loss(logits, labels)
+        k = args.shallow_exit_layer
+        shallow, last = self._layer_logits(out, k), out.logits
+        loss = shallow_deep_ce(shallow, last, labels, k, L)
+        if name not in KD_LOSSES:
+            return loss
+        student = shallow
+        if getattr(self, "layer_transformation", None) is not None:
+            student = output_logits(self, self.layer_transformation(self._block_output(out, k)))
+        if name == "shallowdeep_kd_last":
+            teachers = [last]
+        else:
+            with torch.no_grad():  # teachers only: no graph for the layers between k and L
+                teachers = [self._layer_logits(out, layer) for layer in range(k + 1, L)]
+            teachers.append(last)
+        kd = distillation(name, student, teachers, labels, self._uniform_teacher)
+        alpha = args.distill_layer_alpha
+        return (1 - alpha) * loss + alpha * kd
+
+    def _meta_loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+        L = self.config.num_decoder_layers
+        norm = self.decoder.final_layer_norm
+        logits = [self._layer_logits(out, layer) for layer in range(1, L + 1)]
+        states = [norm(self._block_output(out, layer)) for layer in range(1, L)]
+        loss, _ = meta_head_loss(self.cm_head, states, logits, labels)
+        return loss
+
+
+# ----- LoRA, freezing, saving -----------------------------------------------------------------------
+def linear_module_names(model: nn.Module) -> List[str]:
+    """Last name parts of the model's linear layers (what `lora_target_modules` may name)."""
+    return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def check_lora_targets(model: nn.Module, targets: List[str]) -> None:
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ValueError(f"lora_target_modules: {', '.join(missing)} not found in the model; "
+                         f"its linear layers are: {', '.join(available)}.")
+
+
+def add_lora(model: nn.Module, args: AdditionalArguments):
+    """Wrap the model with peft LoRA adapters (default targets: T5's attention q and v)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = list(args.lora_target_modules or ["q", "v"])
+    check_lora_targets(model, targets)
+    extra = [name for name in ("cm_head", "layer_transformation") if getattr(model, name, None) is not None]
+    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, target_modules=targets, modules_to_save=extra or None)
+    return get_peft_model(model, config)
+
+
+def freeze_all_but_meta_head(model: nn.Module) -> None:
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("cm_head.")
+
+
+def prepare_for_training(model: TrainT5ForConditionalGeneration):
+    """Apply the config's training flags that change which weights learn; return the model to train."""
+    args = model.training_args()
+    if args.train_meta_cm_head:
+        if getattr(model, "cm_head", None) is None:
+            raise ValueError("train_meta_cm_head needs the meta head: build the model with that flag in its config.")
+        if args.use_lora:
+            raise ValueError("train_meta_cm_head trains the meta head alone: it cannot be combined with use_lora.")
+        freeze_all_but_meta_head(model)
+    if args.use_lora:
+        return add_lora(model, args)
+    return model
+
+
+def merged_for_saving(model: nn.Module) -> nn.Module:
+    """The plain model to save or evaluate: LoRA adapters merged into the weights."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def save_checkpoint(model: nn.Module, tokenizer, path: str) -> nn.Module:
+    """Save weights (LoRA merged, meta head included), config with the exit flags, and tokenizer."""
+    model = merged_for_saving(model)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return model
+
+
+def layer_losses(model: TrainT5ForConditionalGeneration, batch: Dict[str, torch.Tensor]) -> List[float]:
+    """Cross-entropy of every decoder layer's head on a batch (a diagnostic: which layers have learnt)."""
+    with torch.no_grad():
+        out = T5ForConditionalGeneration.forward(model, **batch, output_hidden_states=True, return_dict=True)
+        L = model.config.num_decoder_layers
+        return [float(cross_entropy(model._layer_logits(out, layer), batch["labels"])) for layer in range(1, L + 1)]

@@ -1,0 +1,272 @@
+"""Training exits (issue 6): the losses, the meta head, LoRA, checkpoints, bad input."""
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from models import modeling_t5 as mt
+from models.decode_loop import output_logits
+from models.deploying_t5 import DeployT5ForConditionalGeneration
+from models.modeling_t5 import TrainT5ForConditionalGeneration
+from util.additional_args import AdditionalArguments, update_autoconfig, validate_additional_args
+from util.copy_task import copy_batch, copy_config
+from util.toy_models import train_toy_tokenizer
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Multi-threaded tiny ops crawl on a busy two-core machine; restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def kl2(a: float, b: float) -> float:
+    """KL((a, 1-a) || (b, 1-b))."""
+    return a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+
+
+# ----- the losses on hand-made logits ------------------------------------------------------------
+# three layers, one sequence of three tokens over a vocabulary of two; the last token is ignored
+LABELS = torch.tensor([[0, 1, -100]])
+LAYER_LOGITS = [
+    torch.tensor([[[0.0, 0.0], [LN3, 0.0], [50.0, 0.0]]]),  # p: (1/2, 1/2), (3/4, 1/4)
+    torch.tensor([[[0.0, LN2], [0.0, 0.0], [0.0, 50.0]]]),  # p: (1/3, 2/3), (1/2, 1/2)
+    torch.tensor([[[0.0, LN3], [LN3, 0.0], [9.0, 0.0]]]),   # p: (1/4, 3/4), (3/4, 1/4)
+]
+CE = [(LN2 + math.log(4)) / 2, (LN3 + LN2) / 2, (math.log(4) + math.log(4)) / 2]
+# KL(teacher || student = layer 1) per valid token, for teachers layer 2 and layer 3
+KL_TO_SHALLOW = {2: [kl2(1 / 3, 1 / 2), kl2(1 / 2, 3 / 4)], 3: [kl2(1 / 4, 1 / 2), kl2(3 / 4, 3 / 4)]}
+
+
+def test_cross_entropy_losses_match_hand_computed_values():
+    assert float(mt.cross_entropy(LAYER_LOGITS[0], LABELS)) == pytest.approx(CE[0], abs=1e-6)
+    assert float(mt.ce_loss(LAYER_LOGITS, LABELS)) == pytest.approx(sum(CE) / 3, abs=1e-6)
+    assert float(mt.weighted_ce_loss(LAYER_LOGITS, LABELS)) == pytest.approx((CE[0] + 2 * CE[1] + 3 * CE[2]) / 6, abs=1e-6)
+    shallow_deep = mt.shallow_deep_ce(LAYER_LOGITS[0], LAYER_LOGITS[2], LABELS, k=1, L=3)
+    assert float(shallow_deep) == pytest.approx((CE[0] + 3 * CE[2]) / 4, abs=1e-6)
+
+
+def test_distillation_losses_match_hand_computed_values():
+    student, teachers = LAYER_LOGITS[0], LAYER_LOGITS[1:]
+    last = mt.distillation("shallowdeep_kd_last", student, teachers, LABELS)
+    assert float(last) == pytest.approx(sum(KL_TO_SHALLOW[3]) / 2, abs=1e-6)
+    dyna = mt.distillation("shallowdeep_kd_dyna", student, teachers, LABELS)
+    closest = [min(KL_TO_SHALLOW[2][t], KL_TO_SHALLOW[3][t]) for t in range(2)]
+    assert float(dyna) == pytest.approx(sum(closest) / 2, abs=1e-6)
+    assert float(dyna) < float(last)  # the closest teacher differs from the last one on token 0
+
+    unif = mt.distillation("shallowdeep_kd_unif", student, teachers, LABELS, torch.Generator().manual_seed(3))
+    drawn = torch.randint(2, (1, 3), generator=torch.Generator().manual_seed(3))[0]  # the same draws
+    expected = [KL_TO_SHALLOW[2 + int(drawn[t])][t] for t in range(2)]
+    assert float(unif) == pytest.approx(sum(expected) / 2, abs=1e-6)
+
+
+def test_distillation_teacher_gets_no_gradient():
+    student = LAYER_LOGITS[0].clone().requires_grad_()
+    teacher = LAYER_LOGITS[2].clone().requires_grad_()
+    mt.distillation("shallowdeep_kd_last", student, [teacher], LABELS).backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_meta_labels_and_balanced_loss():
+    agreement = mt.meta_labels(LAYER_LOGITS, LABELS)
+    # argmax per layer: layer 1 (tie -> 0, 0, 0), layer 2 (1, 0, 1), layer 3 (1, 0, 0)
+    assert agreement.tolist() == [[[0, 1, 1]], [[1, 1, 0]]]
+
+    scores = torch.tensor([[0.0, 0.0], [LN3, 0.0], [0.0, LN3]])
+    targets = torch.tensor([0, 0, 1])
+    # class 0: mean of ln 2 and ln(4/3); class 1: ln(4/3); then the mean of the two classes
+    expected = ((LN2 + math.log(4 / 3)) / 2 + math.log(4 / 3)) / 2
+    assert float(mt.balanced_cross_entropy(scores, targets)) == pytest.approx(expected, abs=1e-6)
+
+
+# ----- the model -----------------------------------------------------------------------------------
+def train_model(seed=0, **flags) -> TrainT5ForConditionalGeneration:
+    config = update_autoconfig(copy_config(), AdditionalArguments(**flags))
+    torch.manual_seed(seed)
+    return TrainT5ForConditionalGeneration(config)
+
+
+def batch(seed=0, size=8):
+    source, labels = copy_batch(torch.Generator().manual_seed(seed), size, 6, 32)
+    labels[0, -2:] = -100  # some padding
+    return {"input_ids": source, "labels": labels}
+
+
+def raw_block_logits(model, inputs):
+    """Every decoder block's head through hooks on the blocks themselves (an independent path)."""
+    outputs = []
+    hooks = [block.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for block in model.decoder.block]
+    try:
+        model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [output_logits(model, h) for h in outputs[-len(model.decoder.block):]]
+
+
+@pytest.mark.parametrize("loss_fn", ["ce", "weighted_ce"])
+def test_model_loss_uses_every_block_output_through_the_decode_head(loss_fn):
+    model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn=loss_fn).eval()
+    inputs = batch()
+    logits = raw_block_logits(model, {"input_ids": inputs["input_ids"], "labels": inputs["labels"]})
+    expected = mt.ce_loss(logits, inputs["labels"]) if loss_fn == "ce" else mt.weighted_ce_loss(logits, inputs["labels"])
+    assert float(model(**inputs).loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_fn", ["shallowdeep_kd_last", "shallowdeep_kd_dyna"])
+def test_model_shallow_deep_loss_combines_ce_and_kd(loss_fn):
+    model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn=loss_fn, shallow_exit_layer=2,
+                        distill_layer_alpha=0.25).eval()
+    inputs = batch()
+    logits = raw_block_logits(model, inputs)
+    ce = mt.shallow_deep_ce(logits[1], logits[3], inputs["labels"], 2, 4)
+    kd = mt.distillation(loss_fn, logits[1], logits[2:], inputs["labels"])
+    assert float(model(**inputs).loss) == pytest.approx(float(0.75 * ce + 0.25 * kd), rel=1e-5)
+
+
+def test_layer_transformation_starts_as_identity_and_learns():
+    flags = dict(output_hidden_states_decoder=True, intermediate_loss_fn="shallowdeep_kd_last",
+                 shallow_exit_layer=2, distill_layer_alpha=0.5)
+    plain, transformed = train_model(**flags).eval(), train_model(do_layer_transformation=True, **flags).eval()
+    assert torch.equal(transformed.layer_transformation.weight, torch.eye(64))
+    inputs = batch()
+    assert float(transformed(**inputs).loss) == pytest.approx(float(plain(**inputs).loss), rel=1e-6)
+    transformed(**inputs).loss.backward()
+    assert transformed.layer_transformation.weight.grad.abs().sum() > 0
+
+
+def test_a_few_steps_lower_every_layers_loss():
+    model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn="weighted_ce", seed=1)
+    held_out = batch(seed=99, size=16)
+    before = mt.layer_losses(model.eval(), held_out)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(25):
+        loss = model(**batch(seed=step, size=16)).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = mt.layer_losses(model.eval(), held_out)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+
+
+def test_meta_head_training_freezes_the_model_and_lowers_its_loss():
+    model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, seed=2)
+    model = mt.prepare_for_training(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("cm_head.") for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(size=16)
+    first = float(model(**inputs).loss)
+    for _ in range(15):
+        loss = model(**inputs).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(model(**inputs).loss) < first
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_meta_head_loss_matches_its_definition():
+    model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, seed=3).eval()
+    inputs = batch()
+    logits = raw_block_logits(model, inputs)
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o[0])) for b in model.decoder.block[:-1]]
+    model(input_ids=inputs["input_ids"], labels=inputs["labels"])
+    for hook in hooks:
+        hook.remove()
+    states = [model.decoder.final_layer_norm(h) for h in outputs]
+    agreement = mt.meta_labels(logits, inputs["labels"])
+    valid = (inputs["labels"] != -100).expand_as(agreement)
+    scores = model.cm_head(torch.stack(states))[valid]
+    expected = mt.balanced_cross_entropy(scores, agreement[valid])
+    assert float(model(**inputs).loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+# ----- LoRA ----------------------------------------------------------------------------------------
+def test_lora_merged_equals_unmerged_and_trains_only_adapters():
+    model = mt.prepare_for_training(train_model(use_lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".q.lora_A" in n for n in trainable) and any(".v.lora_A" in n for n in trainable)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters do something
+                parameter.normal_(std=0.5)
+    model.eval()
+    inputs = batch()
+    unmerged = model(**inputs).logits
+    merged_model = mt.merged_for_saving(model)
+    assert not any("lora" in n for n, _ in merged_model.named_parameters())
+    merged = merged_model(**inputs).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert (merged - train_model()(**inputs).logits).abs().max() > 1e-3  # the adapters changed something
+
+
+def test_lora_unknown_target_module_is_a_clear_error():
+    model = train_model(use_lora=True, lora_target_modules=["q", "query_proj"])
+    with pytest.raises(ValueError, match="lora_target_modules: query_proj not found.*wo"):
+        mt.prepare_for_training(model)
+
+
+# ----- checkpoints ---------------------------------------------------------------------------------
+def test_checkpoint_reloads_complete_and_decodes_identically(tmp_path):
+    tokenizer = train_toy_tokenizer(["the cat sat on the mat"] * 4, vocab_size=40)
+    model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, seed=4).eval()
+    with torch.no_grad():  # a head that lets some tokens exit
+        model.cm_head[2].bias.copy_(torch.tensor([0.0, 0.3]))
+    path = str(tmp_path / "checkpoint")
+    mt.save_checkpoint(model, tokenizer, path)
+    assert os.path.isfile(os.path.join(path, "tokenizer.json"))
+
+    config = AutoConfig.from_pretrained(path)
+    assert config.train_meta_cm_head is True and config.intermediate_loss_fn is None  # the flags travel
+    flags = AdditionalArguments(use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=0.55)
+    reloaded = DeployT5ForConditionalGeneration.from_pretrained(path, config=update_autoconfig(config, flags)).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+    in_memory = DeployT5ForConditionalGeneration(reloaded.config).eval()
+    in_memory.load_state_dict(model.state_dict())
+    source = batch()["input_ids"][:3]
+    expected = in_memory.generate(input_ids=source, max_new_tokens=8)
+    exits = in_memory.exit_stats()["exit_layers"]
+    assert torch.equal(reloaded.generate(input_ids=source, max_new_tokens=8), expected)
+    assert reloaded.exit_stats()["exit_layers"] == exits
+    assert any(e < 4 for row in exits for e in row)  # the meta head was used and let tokens exit
+
+
+# ----- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (dict(intermediate_loss_fn="ce"), "output_hidden_states_decoder"),
+    (dict(output_hidden_states_decoder=True, intermediate_loss_fn="shallowdeep_kd_dyna", shallow_exit_layer=2),
+     "distill_layer_alpha"),
+    (dict(output_hidden_states_decoder=True, intermediate_loss_fn="shallowdeep_kd_last", distill_layer_alpha=0.5),
+     "shallow_exit_layer"),
+    (dict(output_hidden_states_decoder=True, intermediate_loss_fn="shallowdeep_ce"), "shallow_exit_layer"),
+    (dict(output_hidden_states_decoder=True, intermediate_loss_fn="weighted_ce", distill_layer_alpha=0.5),
+     "distill_layer_alpha"),
+    (dict(do_layer_transformation=True), "do_layer_transformation"),
+    (dict(output_hidden_states_decoder=True, intermediate_loss_fn="shallowdeep_kd_last", shallow_exit_layer=4,
+          distill_layer_alpha=0.5), "shallow_exit_layer"),
+])
+def test_bad_training_flags_are_clear_errors(flags, message):
+    with pytest.raises(ValueError, match=message):
+        validate_additional_args(AdditionalArguments(**flags), 4)
+
+
+def test_meta_head_with_lora_is_refused():
+    model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, use_lora=True)
+    with pytest.raises(ValueError, match="use_lora"):
+        mt.prepare_for_training(model)
