@@ -63,7 +63,8 @@ def test_overwrite_removes_only_run_files(tmp_path):
 
 def test_model_class_choice():
     from models.deploying_t5 import DeployT5ForConditionalGeneration
+    from models.modeling_t5 import TrainT5ForConditionalGeneration
     from transformers import T5ForConditionalGeneration
-    assert model_class(training=True, deploy=True) is T5ForConditionalGeneration
+    assert model_class(training=True, deploy=True) is TrainT5ForConditionalGeneration
     assert model_class(training=False, deploy=False) is T5ForConditionalGeneration
     assert model_class(training=False, deploy=True) is DeployT5ForConditionalGeneration
