@@ -1,4 +1,4 @@
-"""Suite-wide settings."""
+"""Suite-wide settings: every test module runs on one torch thread."""
 
 import pytest
 import torch

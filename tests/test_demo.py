@@ -4,18 +4,9 @@ import json
 import re
 
 import pytest
-import torch
 
 import demo
 from util.demo_data import RELATIONS, generate_squad, squad_rows
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def relation_of(question: str) -> str:

@@ -5,7 +5,6 @@ import os
 import zipfile
 
 import pytest
-import torch
 
 from tasks import runner
 from tasks.adapters import QuestionAnswering
@@ -15,15 +14,6 @@ from util.toy_models import build_toy_t5, train_toy_tokenizer
 
 SQUAD_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "squad_v1.1", "dev-v1.1.json.zip")
 SLICE = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a busy two-core machine spin-wait 50x slower; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

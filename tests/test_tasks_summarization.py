@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from tasks import runner
 from tasks.adapters import Summarization
@@ -15,15 +14,6 @@ from util.toy_models import build_toy_t5, train_toy_tokenizer
 NAMES = ["Amanda", "Jerry", "Hannah", "Larry", "Olivia", "Tom", "Eric", "Rob", "Sam", "Kate", "Lena", "Paul"]
 TOPICS = ["cookies", "football", "the exam", "a concert", "the weather", "a new car", "holidays", "the dog",
           "a movie", "dinner", "the party", "books"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a busy two-core machine spin-wait 50x slower; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def dialogue_rows():

@@ -5,22 +5,12 @@ import os
 
 import pytest
 import sacrebleu
-import torch
 
 from tasks import runner
 from tasks.adapters import Translation
 
 WMT22 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wmt22", "test.de-en.jsonl")
 SLICE = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a busy two-core machine spin-wait 50x slower; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

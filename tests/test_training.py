@@ -18,15 +18,6 @@ from util.toy_models import train_toy_tokenizer
 LN2, LN3 = math.log(2), math.log(3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Multi-threaded tiny ops crawl on a busy two-core machine; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def kl2(a: float, b: float) -> float:
     """KL((a, 1-a) || (b, 1-b))."""
     return a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))

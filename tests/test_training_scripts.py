@@ -20,14 +20,6 @@ from util.toy_models import build_toy_t5, train_toy_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny QA set (40 questions) and a random toy T5 with its tokenizer."""
