@@ -101,12 +101,17 @@ class ComponentTimer:
         return end
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """z = W s(norm(h)): the model's own output head (final norm, T5's output scaling, LM head)."""
+def scaled_norm(model, hidden: torch.Tensor) -> torch.Tensor:
+    """s(norm(h)): the decoder's final norm and T5's output scaling, what the LM head reads."""
     normed = model.decoder.final_layer_norm(hidden)
     if model.config.scale_decoder_outputs:
         normed = normed * model.model_dim ** -0.5
-    return model.lm_head(normed)
+    return normed
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """z = W s(norm(h)): the model's own output head."""
+    return model.lm_head(scaled_norm(model, hidden))
 
 
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models import confidence as measures
+from models.decode_loop import scaled_norm
 from models.flops import FlopCounter, head_flops, output_head_flops
 from models.vocab_reduction import ReducedHead
 
@@ -25,7 +26,6 @@ class LayerScorer:
         self.model = model
         self.kind = conf_type
         self.weight = model.lm_head.weight
-        self.output_scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else None
         self.num_layers = model.config.num_decoder_layers
         self.reduction = args.type_vocab_reduct
         self.reduction_settings = (args.vocab_k_max, args.vocab_k_min, args.vocab_adaptive_scale, args.vocab_rerank)
@@ -50,8 +50,7 @@ class LayerScorer:
             self.states[layer] = hidden
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        normed = self.model.decoder.final_layer_norm(hidden)
-        return normed if self.output_scale is None else normed * self.output_scale
+        return scaled_norm(self.model, hidden)
 
     def _count(self, flops: int) -> None:
         if self.flops is not None:
