@@ -5,7 +5,18 @@ import math
 import pytest
 import torch
 
-from models.confidence import build_meta_head, meta_confidence, softmax_confidence, state_confidence, top2_gap
+from engine_helpers import deploy_model, tiny_config
+from models.confidence import (
+    build_meta_head,
+    meta_confidence,
+    softmax_confidence,
+    softmax_confidence_value,
+    state_confidence,
+    top2_gap,
+)
+from models.decode_loop import scaled_norm
+from models.layer_scorer import LayerScorer
+from util.additional_args import AdditionalArguments
 
 
 def test_softmax_confidence_is_the_top2_probability_gap():
@@ -27,6 +38,36 @@ def test_softmax_confidence_is_computed_in_float32_for_half_models():
 
 def test_top2_gap_of_a_single_entry_is_that_entry():
     assert top2_gap(torch.tensor([1.0])).item() == 1.0
+
+
+def test_the_decode_loops_float_softmax_confidence_equals_the_tensor_measure():
+    # the hand-computed cases first: a gap of 0.3, a tie, a certain token, a one-token distribution
+    assert softmax_confidence_value(torch.tensor([[[math.log(6.0), math.log(3.0), 0.0]]])) == pytest.approx(0.3)
+    assert softmax_confidence_value(torch.tensor([2.0, 2.0, -1.0])) == 0.0
+    assert softmax_confidence_value(torch.tensor([0.0, -1e4, -1e4])) == pytest.approx(1.0)
+    assert softmax_confidence_value(torch.tensor([[[3.0]]])) == 1.0
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for _ in range(20):
+            logits = (torch.randn(1, 1, 50, generator=generator) * 3).to(dtype)
+            value = softmax_confidence_value(logits)
+            assert isinstance(value, float)
+            assert value == pytest.approx(softmax_confidence(logits).item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("version", [dict(), dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)],
+                         ids=["v1.0-scaled", "v1.1-unscaled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_scorers_fused_norm_equals_the_models_final_norm_and_output_scaling(version, dtype):
+    model = deploy_model(tiny_config(**version)).to(dtype)
+    with torch.no_grad():
+        model.decoder.final_layer_norm.weight.uniform_(0.5, 2.0)  # not the all-ones initial weight
+    scorer = LayerScorer(model, AdditionalArguments(use_early_exit=True), "softmax")
+    hidden = (torch.randn(1, 3, model.config.d_model, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    reference = scaled_norm(model, hidden)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # one rounding step of the dtype
+    torch.testing.assert_close(scorer.normed(hidden), reference, rtol=tolerance, atol=tolerance)
+    assert scorer.normed(hidden).requires_grad is False
 
 
 def test_state_confidence_is_the_cosine_of_consecutive_states():

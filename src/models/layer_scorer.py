@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from models import confidence as measures
-from models.decode_loop import scaled_norm
 from models.flops import FlopCounter, head_flops, output_head_flops
 from models.vocab_reduction import ReducedHead
 
@@ -26,6 +25,12 @@ class LayerScorer:
         self.model = model
         self.kind = conf_type
         self.weight = model.lm_head.weight
+        norm = model.decoder.final_layer_norm
+        scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else 1.0
+        # T5's output scaling folded into the final norm's weight once, so that a check
+        # normalises in one fused op instead of T5LayerNorm's six plus a multiplication
+        self.norm_weight = (norm.weight * scale).detach()
+        self.norm_eps = norm.variance_epsilon
         self.num_layers = model.config.num_decoder_layers
         self.reduction = args.type_vocab_reduct
         self.reduction_settings = (args.vocab_k_max, args.vocab_k_min, args.vocab_adaptive_scale, args.vocab_rerank)
@@ -50,7 +55,8 @@ class LayerScorer:
             self.states[layer] = hidden
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        return scaled_norm(self.model, hidden)
+        """s(norm(h)), what the LM head reads (equal to decode_loop.scaled_norm up to rounding)."""
+        return F.rms_norm(hidden, self.norm_weight.shape, self.norm_weight, self.norm_eps)
 
     def _count(self, flops: int) -> None:
         if self.flops is not None:
@@ -70,7 +76,8 @@ class LayerScorer:
         if reduced.rerank and self.token_ids is not None:
             reduced.reorder(self.logits)  # order the retained set by the previous layer's scores
         size = reduced.size_at(layer, self.previous_confidence)
-        self.logits, self.token_ids = reduced.logits(normed, size), reduced.token_ids[:size]
+        # positions of the scores index the retained set's prefix, so its map needs no slicing
+        self.logits, self.token_ids = reduced.logits(normed, size), reduced.token_ids
         self._count(head_flops(self.flops.shape, size) if self.flops else 0)
 
     def _rows(self, positions: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ class LayerScorer:
         if kind in ("softmax",) + CONTRASTIVE or self.reduced is not None:
             self._score(layer, hidden)
         if kind == "softmax":
-            value = measures.softmax_confidence(self.logits)
+            value = measures.softmax_confidence_value(self.logits)  # a float: the hot path
         elif kind == "state":
             value = measures.state_confidence(hidden, previous)
             self._count(6 * hidden.shape[-1])
@@ -94,7 +101,7 @@ class LayerScorer:
             self._count(2 * d * d + 2 * d * 2)
         else:
             value = self._contrastive(layer)
-        self.previous_confidence = float(value.item())
+        self.previous_confidence = float(value)
         return self.previous_confidence
 
     def _contrastive(self, layer: int) -> torch.Tensor:

@@ -61,7 +61,8 @@ class ReducedHead:
 
     def logits(self, normed: torch.Tensor, size: int) -> torch.Tensor:
         """Scores (1, 1, size) of the best `size` retained tokens for an already scaled normed state."""
-        return torch.nn.functional.linear(normed, self.rows[:size])
+        rows = self.rows if size == self.rows.shape[0] else self.rows[:size]
+        return torch.nn.functional.linear(normed, rows)
 
     def reorder(self, logits: torch.Tensor) -> None:
         """Progressive pruning: keep the scored rows, ordered by this layer's own scores."""
