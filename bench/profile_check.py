@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common import build_model
-from models.confidence import softmax_confidence
+from models.confidence import softmax_confidence_value
 from models.layer_scorer import LayerScorer
 from util.additional_args import AdditionalArguments
 
@@ -41,10 +41,10 @@ def main():
     scorer.confidence(7, hidden, hidden)
     rows["reduced check (842 rows)"] = per_call_us(lambda: scorer.confidence(8, hidden, hidden))
     normed = scorer.normed(hidden)
-    rows["  of which: final norm and scaling"] = per_call_us(lambda: scorer.normed(hidden))
+    rows["  of which: final norm and scaling (one fused op)"] = per_call_us(lambda: scorer.normed(hidden))
     rows["  of which: head over 842 rows"] = per_call_us(lambda: F.linear(normed, scorer.reduced.rows))
     logits = F.linear(normed, scorer.reduced.rows)
-    rows["  of which: softmax, top-2 and host read"] = per_call_us(lambda: softmax_confidence(logits).item())
+    rows["  of which: softmax, top-2 and host read"] = per_call_us(lambda: softmax_confidence_value(logits))
     feed_forward = model.decoder.block[3].layer[2]
     rows["feed-forward sub-layer of one block"] = per_call_us(lambda: feed_forward(hidden))
     for name, micros in rows.items():
