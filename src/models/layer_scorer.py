@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models import confidence as measures
+from models.decode_loop import output_logits
 from models.flops import FlopCounter, head_flops, output_head_flops
 from models.vocab_reduction import ReducedHead
 
@@ -134,7 +135,7 @@ class LayerScorer:
     def predict(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Token id (1, 1) emitted by a token exiting at `layer`."""
         if self.logits is None:  # meta/state without reduction: the output head, counted with the blocks
-            self.logits = F.linear(self.normed(hidden), self.weight)
+            self.logits = output_logits(self.model, hidden)
             if self.flops is not None:
                 self.flops.blocks += output_head_flops(self.flops.shape)
         if self.emit_contrastive and self.contrastive_choice is not None:
