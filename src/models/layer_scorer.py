@@ -112,20 +112,21 @@ class LayerScorer:
         rows = self._rows(head)
         expert = logits.index_select(0, head)
         if self.kind == "JSD_contrastive_confidence":
-            amateur_layers = torch.arange(FIRST_AMATEUR_LAYER, layer)
+            amateur_layers = list(range(FIRST_AMATEUR_LAYER, layer))
         else:
-            amateur_layers = torch.tensor([layer // 2])
-        amateur_states = torch.cat([self.states[int(j)] for j in amateur_layers], dim=1)  # (1, C, d)
+            amateur_layers = [layer // 2]
+        amateur_states = torch.cat([self.states[j] for j in amateur_layers], dim=1)  # (1, C, d)
         amateur = F.linear(self.normed(amateur_states), rows)[0]  # (C, |head|), one matmul for all
         n, d = head.shape[0], rows.shape[1]
         self._count(amateur.shape[0] * (2 * d * n + 5 * n) + 5 * logits.shape[0])
         if self.kind == "JSD_contrastive_confidence":
-            discounted = measures.discounted_jsd(measures.restricted_jsd(expert, amateur), amateur_layers.to(amateur.device), layer)
+            candidates = torch.tensor(amateur_layers, device=amateur.device)
+            discounted = measures.discounted_jsd(measures.restricted_jsd(expert, amateur), candidates, layer)
             choice = int(discounted.argmax())
             self._count(10 * n * amateur.shape[0])
             if self.record_jsd:
-                self.jsd_step = {"jsd": {int(j): float(v) for j, v in zip(amateur_layers, discounted.tolist())},
-                                 "chosen": int(amateur_layers[choice]), "expert_layer": layer}
+                self.jsd_step = {"jsd": dict(zip(amateur_layers, discounted.tolist())),
+                                 "chosen": amateur_layers[choice], "expert_layer": layer}
             amateur = amateur[choice : choice + 1]
         mass = None if self.kind == "contrastive_decoding" else probs.index_select(0, head).sum()
         head_scores = measures.contrastive_head_scores(expert, amateur[0], mass)
