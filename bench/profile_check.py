@@ -41,7 +41,7 @@ def main():
     scorer.confidence(7, hidden, hidden)
     rows["reduced check (842 rows)"] = per_call_us(lambda: scorer.confidence(8, hidden, hidden))
     normed = scorer.normed(hidden)
-    rows["  of which: final norm and scaling (one fused op)"] = per_call_us(lambda: scorer.normed(hidden))
+    rows["  of which: final norm and scaling (one rms_norm call)"] = per_call_us(lambda: scorer.normed(hidden))
     rows["  of which: head over 842 rows"] = per_call_us(lambda: F.linear(normed, scorer.reduced.rows))
     logits = F.linear(normed, scorer.reduced.rows)
     rows["  of which: softmax, top-2 and host read"] = per_call_us(lambda: softmax_confidence_value(logits))

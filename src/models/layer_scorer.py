@@ -29,7 +29,7 @@ class LayerScorer:
         norm = model.decoder.final_layer_norm
         scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else 1.0
         # T5's output scaling folded into the final norm's weight once, so that a check
-        # normalises in one fused op instead of T5LayerNorm's six plus a multiplication
+        # normalises in one rms_norm call instead of T5LayerNorm's six ops plus a multiplication
         self.norm_weight = (norm.weight * scale).detach()
         self.norm_eps = norm.variance_epsilon
         self.num_layers = model.config.num_decoder_layers
