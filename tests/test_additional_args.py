@@ -3,6 +3,7 @@
 import pytest
 
 from engine_helpers import tiny_config
+from tasks.arguments import parse_arguments
 from util.additional_args import AdditionalArguments, update_autoconfig
 
 L = 6
@@ -28,6 +29,15 @@ def test_flags_and_kwargs_are_copied_into_the_config():
     assert (config.use_early_exit, config.exit_conf_type, config.exit_conf_threshold) == (True, "softmax", 0.8)
     assert config.exit_min_layer == 2 and config.max_answer_length == 30
     assert AdditionalArguments.from_config(config).exit_min_layer == 2
+
+
+def test_the_forks_final_flops_flag_switches_flop_counting_on():
+    assert AdditionalArguments(final_flops=True).count_flops is True
+    assert AdditionalArguments().count_flops is False
+    config = configure(use_early_exit=True, exit_conf_type="softmax", final_flops=True)
+    assert AdditionalArguments.from_config(config).count_flops is True
+    *_, parsed = parse_arguments(["--model_name_or_path", "t5-small", "--output_dir", "unused", "--final_flops", "True"])
+    assert parsed.count_flops is True
 
 
 @pytest.mark.parametrize(

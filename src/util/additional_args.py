@@ -95,7 +95,12 @@ class AdditionalArguments:
     emit_contrastive_token: bool = _flag(False, "Emit the argmax of the contrastive distribution instead of the expert layer's.")
     plotting_logits: bool = _flag(False, "Record per-layer ranks, confidences and agreement, and plot them.")
     count_flops: bool = _flag(False, "Count FLOPs of blocks, confidence and encoder per generate call.")
+    final_flops: bool = _flag(False, "The fork's name for count_flops (switches it on).")
     render_jsds: bool = _flag(False, "Record the discounted JSD of every candidate amateur layer per token.")
+
+    def __post_init__(self):
+        if self.final_flops:  # the fork's README calls FLOP counting --final_flops
+            self.count_flops = True
 
     @classmethod
     def from_config(cls, config):
