@@ -15,6 +15,8 @@ SCRIPTS = {
     "run_sum_samsum.sh": "src/run_summarization.py",
     "run_sum_cnndm.sh": "src/run_summarization.py",
     "run_sum_xsum.sh": "src/run_summarization.py",
+    "run_sum_multinews.sh": "src/run_summarization.py",
+    "run_sum_bigpatent.sh": "src/run_summarization.py",
     "run_tr_iwslt.sh": "src/run_translation.py",
 }
 METHODS = ("full", "static", "softmax", "meta", "state", "decay", "vocab_fixed", "vocab_decaying", "vocab_adaptive",
