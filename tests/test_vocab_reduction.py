@@ -106,6 +106,28 @@ def test_every_emitted_token_comes_from_the_retained_set(copy_model, monkeypatch
     assert emitted_from_retained and all(emitted_from_retained)
 
 
+@pytest.mark.parametrize("threshold, retained_per_token", [(0.0, 0), (1.0, 1)])
+def test_the_retained_set_is_taken_once_per_token_and_only_when_a_later_layer_needs_it(
+        copy_model, monkeypatch, threshold, retained_per_token):
+    taken = []
+    original = ReducedHead._retain
+
+    def counted_retain(self):
+        taken.append(self.k_start)
+        original(self)
+
+    monkeypatch.setattr(ReducedHead, "_retain", counted_retain)
+    # threshold 0: every token exits at its start layer (min layer 2), which needs no retained set;
+    # threshold 1: none exits, and layers 3..L-1 share one retained set per token
+    outputs = decode_all(copy_model, copy_inputs(4, count=2), use_early_exit=True, exit_conf_type="softmax",
+                         exit_conf_threshold=threshold, exit_min_layer=2, type_vocab_reduct="fixed",
+                         vocab_k_max=8, vocab_k_min=3)
+    tokens = sum(len(layers) for _, layers in outputs)
+    if threshold == 0.0:
+        assert all(layer == 2 for _, layers in outputs for layer in layers)
+    assert len(taken) == retained_per_token * tokens
+
+
 def test_small_retained_sets_change_confidence_but_keep_decoding_sane(copy_model):
     inputs = copy_inputs(3)
     flags = dict(use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.8)

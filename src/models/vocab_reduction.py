@@ -1,8 +1,9 @@
 """Vocabulary reduction of the LM head inside the decode loop (METHODS.md, "Vocabulary reduction").
 
 At the start layer r (the first layer where confidence is computed) the full head is computed
-once; its top-k(r) tokens, in score order, are retained together with their rows of W. Later
-layers score only a prefix of those rows:
+once; its top-k(r) tokens, in score order, are retained together with their rows of W (taken
+when a later layer first needs them, so a token exiting at r skips it). Later layers score only
+a prefix of those rows:
   fixed     k(r) rows at every layer;
   decaying  the best k(i) rows at layer i;
   adaptive  max(k_min, ceil(k(r) (1 - beta c_(i-1)))) rows, c_(i-1) the previous layer's confidence.
@@ -34,20 +35,38 @@ class ReducedHead:
     def __init__(self, mode: str, num_layers: int, k_max: int, k_min: int, scale: float, rerank: bool = False):
         self.mode, self.num_layers = mode, num_layers
         self.k_max, self.k_min, self.scale, self.rerank = k_max, k_min, scale, rerank
-        self.token_ids: Optional[torch.Tensor] = None  # (k,) retained position -> token id
-        self.rows: Optional[torch.Tensor] = None  # (k, d) the matching rows of W
+        self._source = None  # (start layer's full logits, W), until the retained set is taken
+        self._token_ids: Optional[torch.Tensor] = None  # (k,) retained position -> token id
+        self._rows: Optional[torch.Tensor] = None  # (k, d) the matching rows of W
         self.k_start = 0
 
     @property
     def started(self) -> bool:
-        return self.token_ids is not None
+        return self._source is not None
 
     def start(self, layer: int, full_logits: torch.Tensor, weight: torch.Tensor) -> None:
-        """Retain the top-k(layer) tokens of the start layer's full logits (1, 1, V), best first."""
-        vocab = full_logits.shape[-1]
-        self.k_start = schedule(layer, self.num_layers, self.k_max, self.k_min, vocab)
-        self.token_ids = full_logits[0, 0].topk(self.k_start).indices  # topk is sorted: score order
-        self.rows = weight.index_select(0, self.token_ids)
+        """Start at `layer` with its full logits (1, 1, V). The top-k(layer) tokens and their rows
+        are taken on first use: a token that exits at its start layer never pays for them."""
+        self.k_start = schedule(layer, self.num_layers, self.k_max, self.k_min, full_logits.shape[-1])
+        self._source = (full_logits, weight)
+        self._token_ids = self._rows = None
+
+    def _retain(self) -> None:
+        full_logits, weight = self._source
+        self._token_ids = full_logits[0, 0].topk(self.k_start).indices  # topk is sorted: score order
+        self._rows = weight.index_select(0, self._token_ids)
+
+    @property
+    def token_ids(self) -> Optional[torch.Tensor]:
+        if self._token_ids is None and self._source is not None:
+            self._retain()
+        return self._token_ids
+
+    @property
+    def rows(self) -> Optional[torch.Tensor]:
+        if self._rows is None and self._source is not None:
+            self._retain()
+        return self._rows
 
     def size_at(self, layer: int, previous_confidence: float) -> int:
         """How many retained rows layer `layer` (> start layer) scores."""
@@ -67,8 +86,8 @@ class ReducedHead:
     def reorder(self, logits: torch.Tensor) -> None:
         """Progressive pruning: keep the scored rows, ordered by this layer's own scores."""
         order = logits[0, 0].argsort(descending=True)
-        self.token_ids = self.token_ids[order]
-        self.rows = self.rows.index_select(0, order)
+        self._token_ids = self.token_ids[order]
+        self._rows = self.rows.index_select(0, order)
 
     def token_id(self, position: torch.Tensor) -> torch.Tensor:
         """Token id of a position in the retained set."""
