@@ -10,6 +10,9 @@ start layer's, or every check without reduction) and the average of all checks o
 tokens per second, and confidence FLOPs per token with the reduction factor against the same
 measure without reduction (start layer's full head included). Target: fixed reduction at
 k = 842 makes a (reduced) check cost at most 10% of a block.
+
+--threshold 0 makes every token exit at --min-layer instead, its start layer: the full-head
+check column then shows what such a token pays (no retained set is taken for it).
 """
 
 import argparse
@@ -24,8 +27,8 @@ MEASURES = ("softmax", "contrastive_decoding", "reweight_contrastive_decoding", 
 REDUCTIONS = (None, "fixed", "decaying", "adaptive", "decaying+rerank")
 
 
-def variant_flags(measure, reduction, min_layer):
-    flags = dict(use_early_exit=True, exit_conf_type=measure, exit_conf_threshold=1.0, exit_min_layer=min_layer,
+def variant_flags(measure, reduction, min_layer, threshold=1.0):
+    flags = dict(use_early_exit=True, exit_conf_type=measure, exit_conf_threshold=threshold, exit_min_layer=min_layer,
                  count_flops=True)
     if reduction is not None:
         mode, _, rerank = reduction.partition("+")
@@ -67,6 +70,7 @@ def runner(model, inputs, steps, flags):
                 for key in ("tokens", "time_blocks", "time_confidence", "flops_confidence"):
                     totals[key] += stats[key]
                 totals["blocks"] += sum(stats["block_op"])
+        totals["checks"] = len(checks["full"]) + len(checks["reduced"])
         totals["full_check"] = median(checks["full"])
         totals["reduced_check"] = median(checks["reduced"]) if checks["reduced"] else float("nan")
         return totals
@@ -82,19 +86,19 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--min-layer", type=int, default=7)
+    parser.add_argument("--threshold", type=float, default=1.0, help="1: no token exits; 0: all exit at --min-layer")
     parser.add_argument("--measures", default=",".join(MEASURES))
     parser.add_argument("--reductions", default=",".join(r or "none" for r in REDUCTIONS))
     args = parser.parse_args()
 
     model = build_model(args.shape)
     L = model.config.num_decoder_layers
-    checks_per_token = L - args.min_layer
     inputs = sample_inputs(model, args.samples, args.source_length)
     reductions = [None if r == "none" else r for r in args.reductions.split(",")]
     variants = {}
     for measure in args.measures.split(","):
         for reduction in reductions:
-            flags = variant_flags(measure, reduction, args.min_layer)
+            flags = variant_flags(measure, reduction, args.min_layer, args.threshold)
             variants[(measure, reduction or "none")] = runner(model, inputs, args.new_tokens, flags)
     raw = run_side_by_side(variants, args.rounds, model.device)
 
@@ -102,14 +106,14 @@ def main():
     for (measure, reduction), r in raw.items():
         m = {key: median(values) for key, values in r.items()}
         block_seconds = m["time_blocks"] / m["blocks"]
-        check_seconds = m["time_confidence"] / (m["tokens"] * checks_per_token)
+        check_seconds = m["time_confidence"] / m["checks"]
         flops_per_token = m["flops_confidence"] / m["tokens"]
         unreduced = median(raw[(measure, "none")]["flops_confidence"]) / median(raw[(measure, "none")]["tokens"]) \
             if (measure, "none") in raw else float("nan")
         softmax_check = None
         if ("softmax", reduction) in raw:
             s = raw[("softmax", reduction)]
-            softmax_check = median(s["time_confidence"]) / (median(s["tokens"]) * checks_per_token)
+            softmax_check = median(s["time_confidence"]) / median(s["checks"])
         result = {
             "measure": measure, "reduction": reduction,
             "reduced_check_over_block": None if math.isnan(m["reduced_check"]) else m["reduced_check"] / block_seconds,
