@@ -35,7 +35,7 @@ def main():
     scorer = LayerScorer(model, args, "softmax")
     hidden = torch.randn(1, 1, model.config.d_model)
     rows = {}
-    rows["full-head check (start layer, retains 842)"] = per_call_us(
+    rows["full-head check (start layer)"] = per_call_us(
         lambda: (scorer.start_token(), scorer.confidence(7, hidden, hidden)), 20)
     scorer.start_token()
     scorer.confidence(7, hidden, hidden)
