@@ -114,6 +114,14 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(scaled_norm(model, hidden))
 
 
+def counted_output_logits(model, hidden: torch.Tensor, flops: Optional[FlopCounter]) -> torch.Tensor:
+    """output_logits of every position of `hidden` (1, n, d) for a prediction, its FLOPs counted
+    with the blocks (an exit's output head is not a confidence computation)."""
+    if flops is not None:
+        flops.blocks += output_head_flops(flops.shape) * hidden.shape[1]
+    return output_logits(model, hidden)
+
+
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
     """T5's guard against inf in float16 activations, as HF's T5Block applies it."""
     if hidden.dtype != torch.float16:
@@ -227,9 +235,7 @@ class SequenceDecoder:
 
     def _output_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The full head that predicts a token at the last layer (counted with the blocks)."""
-        if self.flops is not None:
-            self.flops.blocks += output_head_flops(self.flops.shape)
-        return output_logits(self.model, hidden)[:, -1].argmax(-1, keepdim=True)
+        return counted_output_logits(self.model, hidden, self.flops)[:, -1].argmax(-1, keepdim=True)
 
     # ----- the loop ------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, start_token: int, eos_ids: set):

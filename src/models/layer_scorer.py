@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from models import confidence as measures
-from models.decode_loop import output_logits
-from models.flops import FlopCounter, head_flops, output_head_flops
+from models.decode_loop import counted_output_logits
+from models.flops import FlopCounter, head_flops
 from models.vocab_reduction import ReducedHead
 
 CONTRASTIVE = ("contrastive_decoding", "reweight_contrastive_decoding", "JSD_contrastive_confidence")
@@ -136,9 +136,7 @@ class LayerScorer:
     def predict(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Token id (1, 1) emitted by a token exiting at `layer`."""
         if self.logits is None:  # meta/state without reduction: the output head, counted with the blocks
-            self.logits = output_logits(self.model, hidden)
-            if self.flops is not None:
-                self.flops.blocks += output_head_flops(self.flops.shape)
+            self.logits = counted_output_logits(self.model, hidden, self.flops)
         if self.emit_contrastive and self.contrastive_choice is not None:
             position = self.contrastive_choice.view(1, 1)
         else:

@@ -15,8 +15,7 @@ keys/values come from their copied layer-k state instead, as in CALM's decode lo
 import torch
 import torch.nn.functional as F
 
-from models.decode_loop import SequenceDecoder, output_logits
-from models.flops import output_head_flops
+from models.decode_loop import SequenceDecoder, counted_output_logits
 
 
 class ShallowDeepDecoder(SequenceDecoder):
@@ -58,9 +57,7 @@ class ShallowDeepDecoder(SequenceDecoder):
         chunk = torch.cat([self.exit_states[:, start:t], hidden], dim=1)
         for j in range(k, self.policy.num_layers):
             chunk = self._block(j, chunk, start)
-        deep_logits = output_logits(self.model, chunk)[0]  # (n, V): every position's deep prediction
-        if self.flops is not None:
-            self.flops.blocks += output_head_flops(self.flops.shape) * chunk.shape[1]
+        deep_logits = counted_output_logits(self.model, chunk, self.flops)[0]  # (n, V): every position's deep prediction
         mark = timer.add("blocks", mark)
         self.counts["deep_tokens"] += 1
         self.counts["parallel_tokens"] += t - start
