@@ -184,6 +184,25 @@ def test_adaptive_threshold_is_estimated_while_decoding(copy_model):
     copy_model.threshold_estimator = None
 
 
+def test_after_its_last_refit_the_estimator_is_not_fed_and_decoding_is_unchanged(copy_model):
+    copy_model.threshold_estimator = None
+    flags = free_flags(0.5, use_adapt_threshold=True, adapt_threshold_samples=2)
+    inputs = copy_inputs(9, count=5)
+    observed = []
+    for input_ids in inputs[:2]:
+        decode(copy_model, input_ids, **flags)
+        observed.append(len(copy_model.threshold_estimator.confidences))
+    assert 0 < observed[0] < observed[1]  # both refit samples were observed
+    threshold = copy_model.threshold_estimator.threshold
+    later = [decode(copy_model, input_ids, **flags) for input_ids in inputs[2:]]
+    assert len(copy_model.threshold_estimator.confidences) == observed[1]  # nothing more collected
+    # the same tokens as decoding at the final threshold without an estimator
+    for input_ids, (tokens, stats) in zip(inputs[2:], later):
+        assert stats["adaptive_threshold"] == threshold
+        assert decode(copy_model, input_ids, **free_flags(threshold))[0] == tokens
+    copy_model.threshold_estimator = None
+
+
 @pytest.mark.parametrize("flags, message", [
     (free_flags(0.5, rollback_conf_threshold=1.0, parallel_gen_token=False), "parallel"),
     (free_flags(0.5, use_adapt_threshold=True, copy_skipped_hidden_states=True), "parallel"),

@@ -52,6 +52,11 @@ class BetaMixtureThreshold:
         self.confidences: List[float] = []
         self.agreements: List[bool] = []
 
+    @property
+    def collecting(self) -> bool:
+        """Whether observations of the coming sample will still be used by a refit."""
+        return self.samples_seen < self.refit_samples
+
     def observe(self, confidence: float, agrees: bool) -> None:
         self.confidences.append(min(max(confidence, EPSILON), 1 - EPSILON))
         self.agreements.append(bool(agrees))

@@ -26,6 +26,8 @@ class ShallowDeepDecoder(SequenceDecoder):
         self.shallow = self.policy.max_checked_layer
         self.rollback_threshold = rollback_threshold
         self.estimator = estimator
+        # labelled observations feed the estimator's refits only while it still refits
+        self.observing = estimator is not None and estimator.collecting
         self.causal = causal
         self.shallow_confidence = {}  # position -> confidence of its shallow exit
         self.counts = {"shallow_tokens": 0, "deep_tokens": 0, "parallel_tokens": 0, "rollbacks": 0}
@@ -50,19 +52,22 @@ class ShallowDeepDecoder(SequenceDecoder):
             self.shallow_confidence[t] = confidence
             self.counts["shallow_tokens"] += 1
             return prediction, k
-        shallow_prediction = scorer.predict(k, hidden) if self.estimator is not None else None
+        shallow_prediction = scorer.predict(k, hidden) if self.observing else None
         mark = timer.add("confidence", mark)
 
         start = self.filled[k]  # first position the deep blocks have not seen
         chunk = torch.cat([self.exit_states[:, start:t], hidden], dim=1)
         for j in range(k, self.policy.num_layers):
             chunk = self._block(j, chunk, start)
-        deep_logits = counted_output_logits(self.model, chunk, self.flops)[0]  # (n, V): every position's deep prediction
+        # the skipped positions' deep predictions only serve the estimator's labels and rollback
+        checks_skipped = self.observing or self.rollback_threshold is not None
+        predicted = chunk if checks_skipped else chunk[:, -1:]
+        deep_logits = counted_output_logits(self.model, predicted, self.flops)[0]  # (positions, V)
         mark = timer.add("blocks", mark)
         self.counts["deep_tokens"] += 1
         self.counts["parallel_tokens"] += t - start
         prediction = deep_logits[-1].argmax().view(1, 1)
-        if self.estimator is not None:
+        if self.observing:
             self.estimator.observe(confidence, bool(shallow_prediction.item() == prediction.item()))
         rolled_back = self._check_skipped(deep_logits[:-1], start)
         timer.add("head", mark)
@@ -75,7 +80,7 @@ class ShallowDeepDecoder(SequenceDecoder):
         if deep_logits.shape[0] == 0:
             return False
         emitted = torch.tensor(self.tokens[start + 1 : start + 1 + deep_logits.shape[0]], device=self.device)
-        if self.estimator is not None:
+        if self.observing:
             agrees = (deep_logits.argmax(-1) == emitted).tolist()
             for offset, agree in enumerate(agrees):
                 self.estimator.observe(self.shallow_confidence[start + offset], agree)
