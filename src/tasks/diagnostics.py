@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 from tqdm import tqdm
 
 from util.additional_args import AdditionalArguments, update_autoconfig
-from util.diagnostics import JsdStep, JsdTrace, LayerTrace, write_trace_files
+from util.diagnostics import JsdTrace, LayerTrace, write_trace_files
 from util.plots import plot_all
 
 PLOTS_ROOT = "plots"
@@ -44,7 +44,7 @@ def write_diagnostics(output_dir: str, prefix: str, layer_traces: List[dict], js
                       static_metric: Optional[Dict[int, float]], metric: str) -> List[str]:
     """Trace files to <output_dir>/<prefix>_diagnostics/, plots to plots/<run name>/; returns the paths."""
     trace = pooled_trace(layer_traces) if layer_traces else None
-    jsd = JsdTrace(steps=[JsdStep(**step) for step in jsd_steps]) if jsd_steps else None
+    jsd = JsdTrace(steps=list(jsd_steps)) if jsd_steps else None
     run_name = os.path.basename(os.path.normpath(output_dir)) + ("" if prefix == "eval" else f"_{prefix}")
     paths = write_trace_files(os.path.join(output_dir, f"{prefix}_diagnostics"), trace, jsd)
     paths += plot_all(trace, os.path.join(PLOTS_ROOT, run_name), static_metric=static_metric, jsd_trace=jsd,

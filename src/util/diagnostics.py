@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -356,20 +356,28 @@ def _parse_float(s: str) -> float:
     return float("nan") if s == "" else float(s)
 
 
-def save_layer_csv(trace: LayerTrace, path: PathLike) -> Path:
-    """One row per token per layer (see LAYER_CSV_COLUMNS); NaN confidence is an empty cell."""
+def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A CSV file of a header and rows, its folder made if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(LAYER_CSV_COLUMNS)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def save_layer_csv(trace: LayerTrace, path: PathLike) -> Path:
+    """One row per token per layer (see LAYER_CSV_COLUMNS); NaN confidence is an empty cell."""
+    def rows():
         for t in range(trace.num_tokens):
             tok = trace.tokens[t] if trace.tokens is not None else ""
             for j in range(trace.num_layers):
-                w.writerow([t, tok, j + 1, trace.ranks[t][j], _fmt(trace.confidences[t][j]),
-                            _fmt(trace.max_probs[t][j]), int(trace.agrees[t][j]),
-                            trace.exit_layers[t], trace.num_layers])
-    return path
+                yield [t, tok, j + 1, trace.ranks[t][j], _fmt(trace.confidences[t][j]),
+                       _fmt(trace.max_probs[t][j]), int(trace.agrees[t][j]),
+                       trace.exit_layers[t], trace.num_layers]
+
+    return write_csv(path, LAYER_CSV_COLUMNS, rows())
 
 
 def load_layer_csv(path: PathLike, has_tokens: bool = True) -> LayerTrace:
@@ -406,16 +414,13 @@ def load_layer_csv(path: PathLike, has_tokens: bool = True) -> LayerTrace:
 
 def save_jsd_csv(trace: JsdTrace, path: PathLike) -> Path:
     """One row per token per candidate layer (see JSD_CSV_COLUMNS)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(JSD_CSV_COLUMNS)
+    def rows():
         for t, s in enumerate(trace.steps):
             tok = trace.tokens[t] if trace.tokens is not None else ""
             for layer, v in s.jsd.items():
-                w.writerow([t, tok, layer, _fmt(v), s.chosen, s.expert_layer])
-    return path
+                yield [t, tok, layer, _fmt(v), s.chosen, s.expert_layer]
+
+    return write_csv(path, JSD_CSV_COLUMNS, rows())
 
 
 def load_jsd_csv(path: PathLike) -> JsdTrace:
@@ -434,21 +439,16 @@ def load_jsd_csv(path: PathLike) -> JsdTrace:
     if order != list(range(len(order))):
         raise ValueError(f"{path}: token_index values are not 0..n-1")
     toks = [tokens[t] for t in order]
-    return JsdTrace(steps=[JsdStep(**steps[t]) for t in order], tokens=toks if any(toks) else None)
+    return JsdTrace(steps=[steps[t] for t in order], tokens=toks if any(toks) else None)
 
 
 def save_summary_csv(rows: Sequence[dict], path: PathLike) -> Path:
     """Write layer_summary() rows as CSV (NaN as an empty cell)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError("rows is empty; nothing to write")
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(v) if isinstance(v, float) else v for k, v in r.items()})
-    return path
+    columns = list(rows[0])
+    cells = ([_fmt(r[k]) if isinstance(r[k], float) else r[k] for k in columns] for r in rows)
+    return write_csv(path, columns, cells)
 
 
 TRACE_FILES = {

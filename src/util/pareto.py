@@ -7,7 +7,6 @@ no sweep; the sweep runner hands its rows to ``write_pareto_report``.
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
+from util.diagnostics import write_csv
 from util.plots import new_figure, save_figure
 
 PathLike = Union[str, Path]
@@ -71,7 +71,6 @@ def _short(v) -> str:
 def pareto_figure(rows: Sequence[dict], quality_key: str, cost_key: str,
                   label_keys: Sequence[str] = (), title: str = "") -> Figure:
     """Scatter of all rows, front drawn as a step line; front points labelled by label_keys."""
-    mask = pareto_mask(rows, quality_key, cost_key)
     pts = [(_number(r, cost_key), _number(r, quality_key)) for r in rows]
     usable = [(c, q) for c, q in pts if c is not None and q is not None]
     if not usable:
@@ -114,15 +113,8 @@ def _columns(rows: Sequence[dict], columns: Optional[Sequence[str]]) -> List[str
 def write_table_csv(rows: Sequence[dict], path: PathLike,
                     columns: Optional[Sequence[str]] = None) -> Path:
     """All rows as CSV; missing cells are empty."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = _columns(rows, columns)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in cols})
-    return path
+    return write_csv(path, cols, ([r.get(k, "") for k in cols] for r in rows))
 
 
 def _md_cell(v) -> str:
