@@ -261,7 +261,11 @@ def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
 
     Pairs with a NaN confidence are ignored; returns NaN when no pair is left.
     """
-    bins = reliability_bins(confidences, correct, n_bins)
+    return ece_of_bins(reliability_bins(confidences, correct, n_bins))
+
+
+def ece_of_bins(bins: Sequence[dict]) -> float:
+    """ECE of reliability_bins() already computed; NaN when the bins hold no pair."""
     total = sum(b["count"] for b in bins)
     if total == 0:
         return float("nan")

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from util.diagnostics import (JsdTrace, LayerTrace, exit_histogram, layer_summary,
-                              normalise_static_metric, overall_ece, reliability_bins)
+                              ece_of_bins, normalise_static_metric, reliability_bins)
 
 PathLike = Union[str, Path]
 
@@ -52,7 +52,7 @@ def tick_step(n: int, max_labels: int = MAX_TICK_LABELS) -> int:
     return max(1, math.ceil(n / max_labels))
 
 
-def _layer_ticks(ax, layers: Sequence[int], axis: str = "x") -> None:
+def _layer_ticks(ax, layers: Sequence[int]) -> None:
     """Integer layer ticks, thinned for deep models (always keeping the last layer)."""
     layers = list(layers)
     if not layers:
@@ -64,7 +64,7 @@ def _layer_ticks(ax, layers: Sequence[int], axis: str = "x") -> None:
             shown.pop()  # the last layer's label would collide with its neighbour's
         shown.append(layers[-1])
     # Labels are set explicitly: boxplot installs its own 1..n labels that would not follow.
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(shown, labels=[str(v) for v in shown])
+    ax.set_xticks(shown, labels=[str(v) for v in shown])
 
 
 def _token_labels(tokens: Optional[Sequence[str]], n: int) -> List[str]:
@@ -150,7 +150,7 @@ def calibration_figure(trace: LayerTrace, n_bins: int = 10, run_name: str = "") 
     rel.set_ylim(0, 1.05)
     rel.set_xlabel("exit confidence (bins of width %g; numbers on top: pairs per bin)" % (1.0 / n_bins))
     rel.set_ylabel("accuracy (agrees with final)")
-    ece = overall_ece(trace, n_bins)
+    ece = ece_of_bins(bins)  # the pooled ECE, from the bins drawn above
     ece_s = "n/a" if math.isnan(ece) else f"{ece:.3f}"
     rel.set_title(f"Reliability, all layers pooled (ECE = {ece_s})", pad=16)
     rel.legend(loc="upper left", fontsize="small")
