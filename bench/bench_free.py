@@ -10,17 +10,12 @@ over rounds. FREE's block_avg counts the parallel recomputation of skipped token
 
 import argparse
 import os
-import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from common import print_table, save_results  # noqa: E402
-from tasks import runner  # noqa: E402
-from tasks.adapters import QuestionAnswering  # noqa: E402
+from common import ROOT, median, print_table, save_results  # common puts src/ on the path
+from tasks import runner
+from tasks.adapters import QuestionAnswering
 
 MODEL = ROOT / "cache" / "demo_model" / "model"
 DATA = ROOT / "cache" / "demo_model" / "data" / "eval.json"
@@ -65,9 +60,9 @@ def main():
                 results.setdefault(name, []).append(metrics)
 
     rows, summary = [], []
-    full_speed = statistics.median(m["eval_tokens_per_second"] for m in results["full model"])
+    full_speed = median([m["eval_tokens_per_second"] for m in results["full model"]])
     for name, runs in results.items():
-        speed = statistics.median(m["eval_tokens_per_second"] for m in runs)
+        speed = median([m["eval_tokens_per_second"] for m in runs])
         first = runs[0]
         row = {"setting": name, "f1": first["eval_f1"], "exact_match": first["eval_exact_match"],
                "block_avg": first["eval_block_avg"], "tokens_per_s": speed, "speedup": speed / full_speed,
