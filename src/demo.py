@@ -7,7 +7,7 @@
    layer, through the task script's own training (`run_question_answering.py --do_train`), and
    caches it in cache/demo_model/ (a later run with the same settings reuses it).
 3. Evaluates it with `run_question_answering.py --deploy_scenario True` under each method of
-   METHODS; a method whose flags this checkout does not implement yet is reported as skipped.
+   METHODS, with FLOPs counted.
 4. Prints one comparison table and saves it as JSON and Markdown under outputs/demo/.
 """
 
@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tasks import runner  # noqa: E402
 from tasks.adapters import QuestionAnswering  # noqa: E402
-from util.additional_args import AdditionalArguments, validate_additional_args  # noqa: E402
 from util.demo_data import generate_squad, squad_rows, write_squad  # noqa: E402
 from util.toy_models import build_toy_t5, train_toy_tokenizer  # noqa: E402
 
@@ -58,8 +57,6 @@ METHODS = [
     ("diagnostics", {**EARLY, "exit_conf_type": "JSD_contrastive_confidence", "exit_min_layer": 3,
                      "plotting_logits": True, "render_jsds": True}),
 ]
-# flags added to every row when this checkout implements them
-OPTIONAL_FLAGS = {"count_flops": True}
 TABLE_COLUMNS = (("F1", "eval_f1", "{:.1f}"), ("EM", "eval_exact_match", "{:.1f}"),
                  ("block_avg", "eval_block_avg", "{:.2f}"),
                  ("conf. MFLOPs/sample", "eval_flops_confidence_per_sample", "{:.2f}"),
@@ -155,48 +152,37 @@ def cached_model(settings: DemoSettings, cache_dir: Path, retrain: bool) -> Dict
 
 
 # ----- evaluation --------------------------------------------------------------------------------
-def unimplemented(flags: Dict, num_layers: int) -> Optional[str]:
-    """Why these flags cannot run in this checkout ("not implemented yet"), or None."""
-    try:
-        validate_additional_args(AdditionalArguments(**flags), num_layers)
-    except ValueError as error:
-        if "not implemented" in str(error):
-            return str(error)
-        raise
-    return None
-
-
 def flags_to_argv(flags: Dict) -> List[str]:
     return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 
 
-def evaluate(name: str, flags: Dict, model_dir: Path, eval_file: Path, out_dir: Path, num_layers: int,
-             max_samples: Optional[int]) -> Dict:
+def evaluate(flags: Dict, model_dir: Path, eval_file: Path, out_dir: Path, max_samples: Optional[int]) -> Dict:
     """One method through run_question_answering's pipeline in deploy mode: its eval_* results."""
-    reason = unimplemented(flags, num_layers)
-    if reason is not None:
-        return {"skipped": reason}
-    extra = {k: v for k, v in OPTIONAL_FLAGS.items() if unimplemented({**flags, k: v}, num_layers) is None}
     argv = ["--model_name_or_path", str(model_dir), "--validation_file", str(eval_file), "--do_eval",
             "--output_dir", str(out_dir), "--overwrite_output_dir", "True", "--deploy_scenario", "True",
             "--max_seq_length", "128", "--max_answer_length", "16", "--disable_tqdm", "True"]
     if max_samples is not None:
         argv += ["--max_eval_samples", str(max_samples)]
-    return runner.run(QuestionAnswering(), argv + flags_to_argv({**flags, **extra}))
+    return runner.run(QuestionAnswering(), argv + flags_to_argv({**flags, "count_flops": True}))
 
 
 def static_sweep(results: Dict[str, Dict], cached: Dict, out_dir: Path, num_layers: int,
                  max_samples: Optional[int]) -> Dict[int, float]:
-    """F1 of a static exit at every layer (reusing the table's rows where they have one)."""
-    known = {flags.get("static_exit_layer", num_layers): name for name, flags in METHODS
-             if set(flags) <= {"static_exit_layer"}}
-    f1 = {}
-    for layer in range(1, num_layers + 1):
-        row = results.get(known.get(layer))
-        if row is None:
-            row = evaluate(f"static {layer}", {"static_exit_layer": layer}, cached["model_dir"], cached["files"]["eval"],
-                           out_dir / "runs" / f"static_exit_{layer}", num_layers, max_samples)
-        f1[layer] = row["eval_f1"]
+    """F1 of a static exit at every layer: measured by a `plotting_logits` row of the table when it
+    has one (eval_static_exit_f1), else from the table's rows and an evaluation per missing layer."""
+    measured = [row["eval_static_exit_f1"] for row in results.values() if "eval_static_exit_f1" in row]
+    if measured:
+        f1 = dict(enumerate(measured[0], start=1))
+    else:
+        known = {flags.get("static_exit_layer", num_layers): name for name, flags in METHODS
+                 if set(flags) <= {"static_exit_layer"}}
+        f1 = {}
+        for layer in range(1, num_layers + 1):
+            row = results.get(known.get(layer))
+            if row is None:
+                row = evaluate({"static_exit_layer": layer}, cached["model_dir"], cached["files"]["eval"],
+                               out_dir / "runs" / f"static_exit_{layer}", max_samples)
+            f1[layer] = row["eval_f1"]
     print("  static exit F1 per layer: " + ", ".join(f"{layer}: {v:.1f}" for layer, v in f1.items()))
     return f1
 
@@ -208,7 +194,7 @@ def write_plots(results: Dict[str, Dict], static: Dict[int, float], out_dir: Pat
 
     paths = [save_figure(static_exit_figure(static, "F1", num_layers, "demo"), out_dir / "static_exit_f1.png")]
     rows = [{"method": name, "f1": row["eval_f1"], "block_avg": row["eval_block_avg"]}
-            for name, row in results.items() if "skipped" not in row]
+            for name, row in results.items()]
     rows += [{"method": f"static exit, layer {layer}", "f1": v, "block_avg": float(layer)} for layer, v in static.items()]
     paths += write_pareto_report(rows, out_dir, "f1", cost_keys=("block_avg",), label_keys=("method",), name="pareto")
     return paths
@@ -222,10 +208,7 @@ def table_markdown(results: Dict[str, Dict]) -> str:
     header = "| method | " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
     for name, row in results.items():
-        if "skipped" in row:
-            cells = ["skipped (not implemented yet)"] + [""] * (len(TABLE_COLUMNS) - 1)
-        else:
-            cells = [fmt.format(row[key]) if key in row else "n/a" for _, key, fmt in TABLE_COLUMNS]
+        cells = [fmt.format(row[key]) if key in row else "n/a" for _, key, fmt in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -273,10 +256,9 @@ def main(argv=None) -> Dict:
     results = {}
     for name, flags in METHODS:
         started = time.perf_counter()
-        results[name] = evaluate(name, flags, cached["model_dir"], cached["files"]["eval"], out_dir / "runs" / slug(name),
-                                 settings.decoder_layers, args.max_eval_samples)
-        status = "skipped: not implemented yet" if "skipped" in results[name] else f"{time.perf_counter() - started:.0f} s"
-        print(f"  {name}: {status}")
+        results[name] = evaluate(flags, cached["model_dir"], cached["files"]["eval"], out_dir / "runs" / slug(name),
+                                 args.max_eval_samples)
+        print(f"  {name}: {time.perf_counter() - started:.0f} s")
     static = static_sweep(results, cached, out_dir, settings.decoder_layers, args.max_eval_samples)
     add_flop_units(results)
     plots = write_plots(results, static, out_dir, settings.decoder_layers)

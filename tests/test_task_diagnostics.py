@@ -40,6 +40,12 @@ def test_plots_and_traces_of_a_deploy_run(qa_data, tmp_path, monkeypatch):
         "--exit_conf_type", "JSD_contrastive_confidence", "--exit_min_layer", "3", "--exit_conf_threshold", "0.5",
         "--plotting_logits", "True", "--render_jsds", "True", "--disable_tqdm", "True",
     ])
+    # the static exit's F1 per layer is a result too; at the last layer it is the full model's, which
+    # is what a plotting_logits run decodes
+    static = results["eval_static_exit_f1"]
+    assert len(static) == 4 and static[-1] == results["eval_f1"]
+    with open(os.path.join(out, "eval_results.json")) as handle:
+        assert json.load(handle)["eval_static_exit_f1"] == static
     trace = load_json(os.path.join(out, "eval_diagnostics", "layer_trace.json"))
     assert trace.num_layers == 4 and trace.num_tokens == results["eval_tokens"]
     jsd = load_json(os.path.join(out, "eval_diagnostics", "jsd_trace.json"))

@@ -383,14 +383,15 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
             stats = ExitStatsTotals() if additional_args.deploy_scenario else None
             metrics, records = evaluate_split(task, raw[split], with_references[split], model, tokenizer,
                                               data_args, training_args, additional_args, stats)
+            static = None
+            if stats is not None and stats.layer_traces and with_references[split]:
+                static = static_exit_metrics(
+                    lambda args: evaluate_split(task, raw[split], True, model, tokenizer, data_args,
+                                                training_args, args)[0],
+                    model, additional_args, task.main_metric)
+                metrics[f"static_exit_{task.main_metric}"] = [static[layer] for layer in sorted(static)]
             results.update(save_results(output_dir, SPLIT_PREFIX[split], metrics, records))
             if stats is not None and (stats.layer_traces or stats.jsd_steps):
-                static = None
-                if stats.layer_traces and with_references[split]:
-                    static = static_exit_metrics(
-                        lambda args: evaluate_split(task, raw[split], True, model, tokenizer, data_args,
-                                                    training_args, args)[0],
-                        model, additional_args, task.main_metric)
                 write_diagnostics(output_dir, SPLIT_PREFIX[split], stats.layer_traces, stats.jsd_steps, static,
                                   task.main_metric)
             logger.info("%s results: %s", split, {k: v for k, v in metrics.items() if not isinstance(v, list)})
