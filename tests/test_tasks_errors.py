@@ -183,6 +183,14 @@ def test_decoding_flag_needs_deploy_scenario(toy_model, tmp_path, good_file):
         summarize(toy_model, good_file, tmp_path / "out", "--use_early_exit", "True", "--exit_conf_type", "softmax")
 
 
+@pytest.mark.parametrize("flags", [["--plotting_logits", "True"],
+                                   ["--render_jsds", "True", "--exit_conf_type", "JSD_contrastive_confidence"]])
+def test_trace_flag_needs_deploy_scenario_instead_of_being_ignored(toy_model, tmp_path, good_file, flags):
+    with pytest.raises(ValueError, match=f"{flags[0]} records traces of the deploy decoder: set --deploy_scenario True"):
+        summarize(toy_model, good_file, tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_deploy_scenario_is_greedy(toy_model, tmp_path, good_file):
     with pytest.raises(ValueError, match="--generation_num_beams=4 must be 1"):
         summarize(toy_model, good_file, tmp_path / "out", "--deploy_scenario", "True", "--generation_num_beams", "4")

@@ -40,6 +40,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 SUMMED_COUNTS = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
 # flags that change how tokens are decoded: only the deploy decoder honours them
 DECODING_FLAGS = ("static_exit_layer", "use_early_exit", "use_shallow_deep", "type_vocab_reduct", "count_flops")
+# traces only the deploy decoder records
+RECORDING_FLAGS = ("plotting_logits", "render_jsds")
 # split -> prefix of its metric names and result files (HF's convention)
 SPLIT_PREFIX = {"train": "train", "validation": "eval", "test": "predict"}
 CONFIG_FILE = "run_config.json"
@@ -63,6 +65,10 @@ def check_run_arguments(training_args, additional_args) -> None:
             if getattr(additional_args, flag) not in (None, False):
                 raise ValueError(f"--{flag} changes decoding, which only --deploy_scenario True does; "
                                  "batched evaluation runs the full model.")
+        for flag in RECORDING_FLAGS:
+            if getattr(additional_args, flag):
+                raise ValueError(f"--{flag} records traces of the deploy decoder: set --deploy_scenario True "
+                                 "(batched evaluation would ignore it).")
     if training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy must stay 'no': evaluation runs after training, with --do_eval.")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
