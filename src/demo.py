@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tasks import runner  # noqa: E402
 from tasks.adapters import QuestionAnswering  # noqa: E402
-from util.demo_data import generate_squad, squad_rows, write_squad  # noqa: E402
+from tasks.data import flatten_squad  # noqa: E402
+from util.demo_data import generate_squad, write_squad  # noqa: E402
 from util.toy_models import build_toy_t5, train_toy_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,8 +103,8 @@ def write_data(settings: DemoSettings, folder: Path) -> Dict[str, Path]:
 
 def tokenizer_texts(train_file: Path) -> List[str]:
     with open(train_file, encoding="utf-8") as handle:
-        rows = squad_rows(json.load(handle))
-    return [f"question: {r['question']} context: {r['context']}" for r in rows] + [r["answer"] for r in rows]
+        rows = flatten_squad(json.load(handle)["data"])
+    return [f"question: {r['question']} context: {r['context']}" for r in rows] + [r["answers"]["text"][0] for r in rows]
 
 
 # ----- training ---------------------------------------------------------------------------------
@@ -137,9 +138,9 @@ def cached_model(settings: DemoSettings, cache_dir: Path, retrain: bool) -> Dict
     stamp = cache_dir / "demo_settings.json"
     files = {"train": data_dir / "train.json", "eval": data_dir / "eval.json"}
     wanted = asdict(settings)
-    if not retrain and stamp.is_file() and json.loads(stamp.read_text()).get("settings") == wanted \
+    info = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if not retrain and info.get("settings") == wanted \
             and (model_dir / "model.safetensors").is_file() and all(f.is_file() for f in files.values()):
-        info = json.loads(stamp.read_text())
         print(f"Reusing the cached model in {model_dir} (trained in {info['train_minutes']:.1f} min; --retrain to redo).")
         return {"model_dir": model_dir, "files": files, "train_minutes": info["train_minutes"], "cached": True}
     shutil.rmtree(cache_dir, ignore_errors=True)

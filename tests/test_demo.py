@@ -6,7 +6,8 @@ import re
 import pytest
 
 import demo
-from util.demo_data import RELATIONS, generate_squad, squad_rows
+from tasks.data import flatten_squad
+from util.demo_data import RELATIONS, generate_squad
 
 
 def relation_of(question: str) -> str:
@@ -36,8 +37,8 @@ def test_generator_is_deterministic_and_in_squad_format():
 
 
 def test_answers_are_copied_from_the_context_among_distractors():
-    for row in squad_rows(generate_squad(200, seed=3)):
-        context, answer, start = row["context"], row["answer"], row["answer_start"]
+    for row in flatten_squad(generate_squad(200, seed=3)["data"]):
+        context, answer, start = row["context"], row["answers"]["text"][0], row["answers"]["answer_start"][0]
         assert context[start : start + len(answer)] == answer
         assert context.count(". ") >= 4  # several sentences
         # the fact asked about is stated once, among other people's facts

@@ -14,7 +14,8 @@ from transformers import AutoConfig
 from models.deploying_t5 import DeployT5ForConditionalGeneration
 from tasks import runner
 from tasks.adapters import QuestionAnswering
-from util.demo_data import generate_squad, squad_rows, write_squad
+from tasks.data import flatten_squad
+from util.demo_data import generate_squad, write_squad
 from util.toy_models import build_toy_t5, train_toy_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def toy(tmp_path_factory):
     data = generate_squad(20, seed=0)
     train_file = str(folder / "train.json")
     write_squad(data, train_file)
-    texts = [f"question: {r['question']} context: {r['context']}" for r in squad_rows(data)]
+    texts = [f"question: {r['question']} context: {r['context']}" for r in flatten_squad(data["data"])]
     model_dir = str(folder / "model")
     build_toy_t5(train_toy_tokenizer(texts, vocab_size=300), num_layers=1, num_decoder_layers=3, save_dir=model_dir)
     return {"train_file": train_file, "model_dir": model_dir}

@@ -148,18 +148,6 @@ def generate_squad(num_contexts: int, seed: int = 0, questions_per_context: int 
     return {"version": "synthetic-1.0", "data": articles}
 
 
-def squad_rows(data: Dict) -> List[Dict]:
-    """Flat (context, question, answer, answer_start) rows of a generated set."""
-    rows = []
-    for article in data["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answer = qa["answers"][0]
-                rows.append({"context": paragraph["context"], "question": qa["question"],
-                             "answer": answer["text"], "answer_start": answer["answer_start"]})
-    return rows
-
-
 def write_squad(data: Dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
