@@ -37,9 +37,11 @@ def _uses_meta_head(config) -> bool:
     )
 
 
-class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
-    def __init__(self, config):
-        super().__init__(config)
+class EarlyExitGenerationMixin:
+    """The early-exit `generate` and `exit_stats` over any T5-family model whose decoder is T5's
+    (its blocks, final norm, LM head and relative position bias). Put it before the HF class."""
+
+    def _init_early_exit(self, config) -> None:
         if _uses_meta_head(config):
             self.cm_head = build_meta_head(config.d_model)
         self._exit_stats = {}
@@ -167,3 +169,9 @@ class DeployT5ForConditionalGeneration(T5ForConditionalGeneration):
     def exit_stats(self) -> dict:
         """Statistics of the last generate call."""
         return dict(self._exit_stats)
+
+
+class DeployT5ForConditionalGeneration(EarlyExitGenerationMixin, T5ForConditionalGeneration):
+    def __init__(self, config):
+        super().__init__(config)
+        self._init_early_exit(config)
