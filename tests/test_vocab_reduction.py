@@ -10,7 +10,7 @@ from engine_helpers import (
 )
 from models import flops as F
 from models.layer_scorer import LayerScorer
-from models.vocab_reduction import ReducedHead, adaptive_size, schedule
+from models.vocab_reduction import RetainedSets, adaptive_size, schedule
 
 MODES = ("fixed", "decaying", "adaptive")
 
@@ -56,24 +56,52 @@ def test_adaptive_keeps_fewer_tokens_as_confidence_rises():
 
 def test_retained_tokens_are_the_best_scores_in_score_order_not_the_lowest_ids():
     weight = torch.randn(10, 4)
-    logits = torch.tensor([[[0.0, 1.0, 0.5, 0.2, 0.1, 0.3, 9.0, 7.0, 8.0, 6.0]]])
-    head = ReducedHead("fixed", num_layers=4, k_max=4, k_min=4, scale=0.9)
-    head.start(1, logits, weight)
-    assert head.token_ids.tolist() == [6, 8, 7, 9]
-    assert torch.equal(head.rows, weight[[6, 8, 7, 9]])
+    logits = torch.tensor([[0.0, 1.0, 0.5, 0.2, 0.1, 0.3, 9.0, 7.0, 8.0, 6.0]])
+    sets = RetainedSets("fixed", num_layers=4, k_max=4, k_min=4, scale=0.9)
+    sets.start(1, logits, weight)
+    sets.retain()
+    assert sets.token_ids.tolist() == [[6, 8, 7, 9]]
+    assert torch.equal(sets.rows[0], weight[[6, 8, 7, 9]])
     normed = torch.randn(1, 1, 4)
-    assert torch.allclose(head.logits(normed, 2), normed @ weight[[6, 8]].T)
+    assert torch.allclose(sets.logits(normed, [2]), normed[0] @ weight[[6, 8]].T)
+
+
+def test_each_row_keeps_its_own_set_and_scores_only_its_own_prefix():
+    weight = torch.randn(6, 3)
+    logits = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    sets = RetainedSets("adaptive", num_layers=4, k_max=4, k_min=4, scale=0.9)
+    sets.start(1, logits, weight)
+    normed = torch.randn(2, 1, 3)
+    scores = sets.logits(normed, [3, 1])
+    assert sets.token_ids.tolist() == [[0, 1, 2, 3], [5, 4, 3, 2]]
+    assert torch.allclose(scores[0], normed[0, 0] @ weight[[0, 1, 2]].T)
+    assert torch.allclose(scores[1, :1], normed[1, 0] @ weight[[5]].T)
+    assert scores[1, 1:].tolist() == [float("-inf")] * 2  # past its own size a row scores nothing
+    sets.keep(torch.tensor([1]))  # the first row exited
+    assert sets.token_ids.tolist() == [[5, 4, 3, 2]] and torch.equal(sets.rows[0], weight[[5, 4, 3, 2]])
 
 
 def test_decaying_uses_a_prefix_and_rerank_reorders_by_the_layers_own_scores():
     weight = torch.eye(6)
-    head = ReducedHead("decaying", num_layers=6, k_max=6, k_min=2, scale=0.9, rerank=True)
-    head.start(1, torch.tensor([[[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]]), weight)
-    assert head.token_ids.tolist() == [0, 1, 2, 3, 4, 5][: head.k_start]
-    assert head.size_at(3, 0.0) == schedule(3, 6, 6, 2, head.k_start) < head.k_start
-    head.reorder(torch.tensor([[[0.0, 3.0, 1.0, 2.0]]]))  # the layer scored 4 rows
-    assert head.token_ids.tolist() == [1, 3, 2, 0]
-    assert torch.equal(head.rows, weight[[1, 3, 2, 0]])
+    sets = RetainedSets("decaying", num_layers=6, k_max=6, k_min=2, scale=0.9, rerank=True)
+    sets.start(1, torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]), weight)
+    sets.retain()
+    assert sets.token_ids.tolist() == [[0, 1, 2, 3, 4, 5][: sets.k_start]]
+    assert sets.sizes_at(3, [0.0]) == [schedule(3, 6, 6, 2, sets.k_start)] and sets.sizes_at(3, [0.0])[0] < sets.k_start
+    sets.reorder(torch.tensor([[0.0, 3.0, 1.0, 2.0]]))  # the layer scored 4 rows
+    assert sets.token_ids.tolist() == [[1, 3, 2, 0]]
+    assert torch.equal(sets.rows[0], weight[[1, 3, 2, 0]])
+
+
+def test_adaptive_rerank_can_grow_back_after_a_confident_layer():
+    weight = torch.eye(6)
+    sets = RetainedSets("adaptive", num_layers=6, k_max=6, k_min=2, scale=1.0, rerank=True)
+    sets.start(1, torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]), weight)
+    assert sets.sizes_at(2, [1.0]) == [2]  # a confident layer keeps k_min rows
+    sets.retain()
+    sets.reorder(torch.tensor([[1.0, 2.0]]))
+    assert sets.k_start == 4 and sets.sizes_at(3, [0.0]) == [4]  # an unsure one scores the whole set again
+    assert sets.token_ids.tolist() == [[1, 0, 2, 3]]  # the unscored rest kept, in the start order
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -93,12 +121,13 @@ def test_every_emitted_token_comes_from_the_retained_set(copy_model, monkeypatch
     emitted_from_retained = []
     original = LayerScorer.predict
 
-    def checked_predict(self, layer, hidden):
-        token = original(self, layer, hidden)
-        if self.token_ids is not None:  # exits after the start layer score the retained set only
-            emitted_from_retained.append(int(token) in self.reduced.token_ids.tolist())
+    def checked_predict(self, layer, hidden, which):
+        tokens = original(self, layer, hidden, which)
+        if self.reduced_scores:  # exits after the start layer score the retained set only
+            for i, token in zip(which, tokens.tolist()):
+                emitted_from_retained.append(token in self.reduced.token_ids[i].tolist())
             assert self.logits.shape[-1] <= self.reduced.k_start
-        return token
+        return tokens
 
     monkeypatch.setattr(LayerScorer, "predict", checked_predict)
     decode_all(copy_model, copy_inputs(2), use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.5,
@@ -110,13 +139,14 @@ def test_every_emitted_token_comes_from_the_retained_set(copy_model, monkeypatch
 def test_the_retained_set_is_taken_once_per_token_and_only_when_a_later_layer_needs_it(
         copy_model, monkeypatch, threshold, retained_per_token):
     taken = []
-    original = ReducedHead._retain
+    original = RetainedSets.retain
 
     def counted_retain(self):
-        taken.append(self.k_start)
+        if self.token_ids is None:
+            taken.append(self.k_start)
         original(self)
 
-    monkeypatch.setattr(ReducedHead, "_retain", counted_retain)
+    monkeypatch.setattr(RetainedSets, "retain", counted_retain)
     # threshold 0: every token exits at its start layer (min layer 2), which needs no retained set;
     # threshold 1: none exits, and layers 3..L-1 share one retained set per token
     outputs = decode_all(copy_model, copy_inputs(4, count=2), use_early_exit=True, exit_conf_type="softmax",

@@ -5,6 +5,8 @@ one confidence per token, in float32 or wider so that half-precision models comp
 without rounding surprises.
 """
 
+from typing import List
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,15 @@ def softmax_confidence_value(logits: torch.Tensor) -> float:
         return float(probs[0])
     first, second = probs.topk(2).values.tolist()
     return first - second
+
+
+def softmax_confidence_values(logits: torch.Tensor) -> List[float]:
+    """softmax_confidence of each row of logits (R, n), as Python floats: the batched hot path
+    (softmax in at least float32, top-2, one host read; -inf scores take no mass)."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    if probs.shape[-1] < 2:  # a one-token distribution is certain
+        return probs[:, 0].tolist()
+    return [first - second for first, second in probs.topk(2, dim=-1).values.tolist()]
 
 
 def state_confidence(hidden: torch.Tensor, previous_hidden: torch.Tensor) -> torch.Tensor:

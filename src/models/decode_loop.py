@@ -1,18 +1,28 @@
-"""The greedy early-exit decode loop over a HuggingFace T5 model's own modules.
+"""The greedy early-exit decode loop over a HuggingFace T5 model's own modules, for a batch.
 
 We own the loop instead of patching `generate`: each token runs decoder blocks one at a time, so
 it can stop after any of them. Attention is computed here over preallocated key/value buffers
-with the same kernel (SDPA, scale 1, relative position bias as additive mask) that T5 uses in
-transformers 5.x; layer norms and feed-forward layers are the model's own modules. With no exit
-the loop therefore reproduces HF's greedy `generate` token for token.
+(models.kv_cache) with the same kernel (SDPA, scale 1, relative position bias as additive mask)
+that T5 uses in transformers 5.x; layer norms and feed-forward layers are the model's own
+modules. With no exit the loop therefore reproduces HF's greedy `generate` token for token.
+
+A batch decodes together, each row as if alone: its own position (FREE's rollback moves one row
+back while the others go on), its own relative position bias slice and key/value fill state per
+block, its own encoder length (padded sources, cross-attention masked per row). Rows that exit
+at a layer leave the running set: the later blocks run only the rows still there, gathered into
+a smaller batch rather than computed for every row and masked. Gathering copies the running
+rows' cached keys/values once per block (a view when every live row runs), which is cheap next
+to a block's weights; masking would run every block for every row, so a batch could never be
+faster than its slowest row (measured in bench/bench_batch.py). Finished rows leave the batch
+for good: every buffer is compacted once when a row ends.
 
 Skipped blocks (state propagation): when a token exits at layer e, every block j > e still needs
 its key/value for that position. They are projected from the copied state h_e, lazily: only
-when a later token first reaches block j, in one batched projection for all pending positions.
-A block no token reaches again (static exit) is never projected at all.
+when a later token of that row first reaches block j, in one projection for all pending
+positions of all rows. A block no token reaches again (static exit) is never projected at all.
 
-A block can also run several consecutive positions at once (causal among themselves, with their
-own relative position bias): FREE's synchronized parallel pass (models.shallow_deep) uses that.
+A block can also run several consecutive positions per row at once (causal among themselves,
+with their own relative position bias): FREE's synchronized parallel pass (models.shallow_deep).
 """
 
 import math
@@ -26,12 +36,16 @@ import torch.nn.functional as F
 
 from models.flops import (
     FlopCounter,
+    Shape,
     cross_kv_flops,
     decoder_block_flops,
     encoder_flops,
+    head_flops,
     output_head_flops,
     skipped_block_flops,
 )
+from models.kv_cache import KVCache
+from models.results import RowResult
 
 
 @dataclass(frozen=True)
@@ -114,14 +128,6 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(scaled_norm(model, hidden))
 
 
-def counted_output_logits(model, hidden: torch.Tensor, flops: Optional[FlopCounter]) -> torch.Tensor:
-    """output_logits of every position of `hidden` (1, n, d) for a prediction, its FLOPs counted
-    with the blocks (an exit's output head is not a confidence computation)."""
-    if flops is not None:
-        flops.blocks += output_head_flops(flops.shape) * hidden.shape[1]
-    return output_logits(model, hidden)
-
-
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
     """T5's guard against inf in float16 activations, as HF's T5Block applies it."""
     if hidden.dtype != torch.float16:
@@ -131,214 +137,395 @@ def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
     return torch.clamp(hidden, min=-limit, max=limit)
 
 
-class SequenceDecoder:
-    """Greedy decoding of one sequence (batch 1) under an exit policy.
+@dataclass
+class Rows:
+    """The rows a block runs now: local indices into the live batch, and per row the query
+    positions start..start+length-1 (one position per token step; several in FREE's deep pass)."""
 
-    `scorer` (a LayerScorer) computes confidences and exit predictions; `flops` (a FlopCounter)
-    sums FLOPs when counting is on; with `trace`, every token runs all L layers (outputs are the
-    full model's) and per-layer diagnostics are recorded with the layer the policy would exit at.
+    index: torch.Tensor  # (R,) on the device
+    local: List[int]  # the same, as Python ints
+    starts: List[int]
+    lengths: List[int]
+    mask: torch.Tensor  # (R, heads, n, T) relative position bias and causal mask, additive
+    all_live: bool  # every live row, in order: caches are read as views
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[2]
+
+    def take(self, which: List[int]) -> "Rows":
+        """The rows at positions `which` of this selection."""
+        index = torch.tensor(which, dtype=torch.long, device=self.index.device)
+        return Rows(self.index.index_select(0, index), [self.local[i] for i in which],
+                    [self.starts[i] for i in which], [self.lengths[i] for i in which],
+                    self.mask.index_select(0, index), False)
+
+
+@dataclass
+class Emit:
+    """A row's step produced `token`, which left the decoder after `exit_layer`."""
+
+    token: int
+    exit_layer: int
+    jsd_step: Optional[dict] = None
+
+
+@dataclass
+class Rollback:
+    """FREE's rollback: the token generated at input `position` is replaced by `token` (from the
+    deep pass) and everything after it is discarded."""
+
+    position: int
+    token: int
+
+
+class RowState:
+    """One row of the batch while it decodes: its result so far and its per-row inputs."""
+
+    def __init__(self, row: int, start_token: int, num_layers: int, encoder_length: int, flops, trace: bool):
+        self.row = row  # position in the caller's batch
+        self.encoder_length = encoder_length
+        self.result = RowResult(tokens=[start_token], exit_layers=[], block_runs=[0] * num_layers, flops=flops,
+                                trace={name: [] for name in TRACE_FIELDS} if trace else None)
+        self.shallow_confidence = {}  # FREE: input position -> confidence of its shallow exit
+        self.cross_counted = [False] * num_layers  # cross-attention keys/values counted for this row
+
+    @property
+    def position(self) -> int:
+        """Input position of the next token."""
+        return len(self.result.tokens) - 1
+
+    def apply(self, outcome, num_layers: int) -> None:
+        result = self.result
+        if isinstance(outcome, Emit):
+            result.tokens.append(outcome.token)
+            result.exit_layers.append(outcome.exit_layer)
+            if outcome.jsd_step is not None:
+                result.jsd_steps.append(outcome.jsd_step)
+            return
+        p = outcome.position
+        result.tokens = result.tokens[: p + 1] + [outcome.token]
+        result.exit_layers = result.exit_layers[:p] + [num_layers]
+        result.jsd_steps = result.jsd_steps[: p + 1]  # the rejected token's check decided the position
+        result.rollbacks += 1
+
+
+TRACE_FIELDS = ("ranks", "confidences", "max_probs", "agrees", "exit_layers")
+
+
+class BatchDecoder:
+    """Greedy decoding of a batch under an exit policy, each row exiting on its own.
+
+    Every token step runs the live rows through the blocks; a row that exits leaves the running
+    set at once, so the blocks after its exit layer run only the rows still there (gathered, not
+    masked: see the module docstring), and a row that finished leaves the batch. `step` is the
+    per-token strategy: `exit_step` (full, static, CALM early exit, FREE without parallel
+    decoding, traces) or models.shallow_deep.ShallowDeepStep.
     """
 
-    def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int,
-                 scorer=None, flops: Optional[FlopCounter] = None, trace: bool = False,
-                 lazy_propagation: bool = True):
+    def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int, scorer=None,
+                 count_flops: bool = False, trace: bool = False, lazy_propagation: bool = True, step=None):
         self.model = model
         self.policy = policy
         self.timer = timer
         self.max_new_tokens = max_new_tokens
         self.scorer = scorer
-        self.flops = flops
-        self.trace = {"ranks": [], "confidences": [], "max_probs": [], "agrees": [], "exit_layers": []} if trace else None
-        self.jsd_steps = []
+        self.count_flops = count_flops
+        self.shape = Shape.of(model.config) if count_flops else None
+        self.tracing = trace
         self.lazy = lazy_propagation
+        self.step = step or exit_step
         decoder = model.decoder
         self.blocks = decoder.block
         self.embed = decoder.embed_tokens
         config = model.config
+        self.num_layers = len(self.blocks)
         self.num_heads, self.head_dim = config.num_heads, config.d_kv
-        self.device, self.dtype = model.lm_head.weight.device, self.blocks[0].layer[0].SelfAttention.q.weight.dtype
+        self.device = model.lm_head.weight.device
+        self.dtype = self.blocks[0].layer[0].SelfAttention.q.weight.dtype
+        n = max_new_tokens
+        self.position_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(n, n, device=self.device)[0].to(self.dtype)
+        self.min_value = torch.finfo(self.dtype).min
 
-        L, n = len(self.blocks), max_new_tokens
-        shape = (L, 1, self.num_heads, n, self.head_dim)
-        self.keys = torch.empty(shape, device=self.device, dtype=self.dtype)
-        self.values = torch.empty(shape, device=self.device, dtype=self.dtype)
-        self.filled = [0] * L  # positions whose key/value are valid, per block
-        self.exit_states = torch.empty((1, n, config.d_model), device=self.device, dtype=self.dtype)
-        self.cross = [None] * L  # per block: (keys, values) over the encoder output, made on first use
-        self.position_bias = (
-            self.blocks[0].layer[0].SelfAttention.compute_bias(n, n, device=self.device).to(self.dtype)
-        )
-        # additive mask of later positions, for passes over several positions at once
-        self.future = torch.full((n, n), torch.finfo(self.dtype).min, device=self.device, dtype=self.dtype).triu(1)
-        self.causal = True
-        self.block_runs = [0] * L  # positions each block ran, parallel recomputation included
+    # ----- selections ----------------------------------------------------------------------------
+    def select(self, local: List[int], starts: List[int], lengths: List[int], causal: bool = True) -> Rows:
+        """Rows `local` of the live batch querying positions starts[i]..starts[i]+lengths[i]-1."""
+        device = self.device
+        width = max(lengths)
+        last = [s + n - 1 for s, n in zip(starts, lengths)]
+        keys = max(last) + 1
+        offsets = torch.arange(width, device=device)
+        starts_t = torch.tensor(starts, dtype=torch.long, device=device)[:, None]
+        last_t = torch.tensor(last, dtype=torch.long, device=device)[:, None]
+        queries = torch.minimum(starts_t + offsets, last_t)  # (R, n): padded queries repeat the last
+        mask = self.position_bias[:, queries, :keys].transpose(0, 1)  # (R, heads, n, keys)
+        if width > 1 or min(last) != keys - 1:
+            limit = queries if causal else last_t.expand(-1, width)
+            hidden = torch.arange(keys, device=device) > limit[..., None]  # (R, n, keys)
+            mask = mask.masked_fill(hidden[:, None], self.min_value)
+        all_live = local == list(range(len(self.live)))
+        return Rows(torch.tensor(local, dtype=torch.long, device=device), list(local), list(starts), list(lengths), mask, all_live)
 
-    # ----- pieces of one block -----------------------------------------------------------
+    # ----- pieces of one block -------------------------------------------------------------------
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _store_self_kv(self, j: int, normed: torch.Tensor, start: int) -> None:
-        attention = self.blocks[j].layer[0].SelfAttention
-        end = start + normed.shape[1]
-        self.keys[j, :, :, start:end] = self._split_heads(attention.k(normed))
-        self.values[j, :, :, start:end] = self._split_heads(attention.v(normed))
-        self.filled[j] = end
+        return x.view(x.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _attend(self, attention, query_input, keys, values, mask):
         query = self._split_heads(attention.q(query_input))
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
-        return attention.o(out.transpose(1, 2).reshape(1, -1, self.num_heads * self.head_dim))
+        return attention.o(out.transpose(1, 2).reshape(out.shape[0], -1, self.num_heads * self.head_dim))
 
-    def _cross_kv(self, j: int):
+    def _store_self_kv(self, j: int, normed: torch.Tensor, rows: Rows) -> None:
+        """Keys/values of block j for the valid query positions of `rows` (normed (R, n, d))."""
+        attention = self.blocks[j].layer[0].SelfAttention
+        keys, values = self._split_heads(attention.k(normed)), self._split_heads(attention.v(normed))
+        if rows.width == 1:
+            row_index, positions = rows.index, torch.tensor(rows.starts, device=self.device)
+            keys, values = keys[:, :, 0], values[:, :, 0]
+        else:  # only the real positions of each row, not the padding of the shorter ones
+            pairs = [(i, r, s + q) for i, (r, s, n) in enumerate(zip(rows.local, rows.starts, rows.lengths))
+                     for q in range(n)]
+            flat = torch.tensor([i * rows.width + (p - rows.starts[i]) for i, _, p in pairs], device=self.device)
+            row_index = torch.tensor([r for _, r, _ in pairs], dtype=torch.long, device=self.device)
+            positions = torch.tensor([p for _, _, p in pairs], dtype=torch.long, device=self.device)
+            keys = keys.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).index_select(0, flat)
+            values = values.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).index_select(0, flat)
+        ends = [s + n for s, n in zip(rows.starts, rows.lengths)]
+        self.cache.write(j, row_index, positions, keys, values, ends, rows.local)
+
+    def _cross_kv(self, j: int, rows: Rows):
+        """Keys/values of block j over the encoder output, made for the whole batch on first use;
+        each row's FLOPs are counted when that row first reaches the block, as alone."""
         if self.cross[j] is None:
             attention = self.blocks[j].layer[1].EncDecAttention
             self.cross[j] = (self._split_heads(attention.k(self.encoder_states)),
                              self._split_heads(attention.v(self.encoder_states)))
-            if self.flops is not None:
-                self.flops.blocks += cross_kv_flops(self.flops.shape, self.encoder_states.shape[1])
-        return self.cross[j]
+        if self.count_flops:
+            for r in rows.local:
+                state = self.live[r]
+                if not state.cross_counted[j]:
+                    state.cross_counted[j] = True
+                    state.result.flops.blocks += cross_kv_flops(self.shape, state.encoder_length)
+        keys, values = self.cross[j]
+        if rows.all_live:
+            return keys, values, self.cross_mask
+        return keys.index_select(0, rows.index), values.index_select(0, rows.index), \
+            self.cross_mask.index_select(0, rows.index)
 
-    def _self_mask(self, start: int, end: int) -> torch.Tensor:
-        """Relative position bias of query positions start..end-1 (causal among themselves)."""
-        mask = self.position_bias[:, :, start:end, :end]
-        if end - start > 1 and self.causal:
-            mask = mask + self.future[start:end, :end]
-        return mask
-
-    def _block(self, j: int, hidden: torch.Tensor, t: int) -> torch.Tensor:
-        """Block j (0-based) on the positions t.. of `hidden` (1, n, d), reading and extending the caches."""
+    def block(self, j: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Block j (0-based) on the query positions of `rows` (hidden (R, n, d)), reading and
+        extending the caches."""
         self_layer, cross_layer, ff_layer = self.blocks[j].layer
-        end = t + hidden.shape[1]
         normed = self_layer.layer_norm(hidden)
-        self._store_self_kv(j, normed, t)
-        hidden = hidden + self._attend(self_layer.SelfAttention, normed, self.keys[j, :, :, :end],
-                                       self.values[j, :, :, :end], self._self_mask(t, end))
+        self._store_self_kv(j, normed, rows)
+        keys, values = self.cache.read(j, rows.index, rows.mask.shape[-1], rows.all_live)
+        hidden = hidden + self._attend(self_layer.SelfAttention, normed, keys, values, rows.mask)
         hidden = _clamp_fp16(hidden)
-        keys, values = self._cross_kv(j)
+        keys, values, cross_mask = self._cross_kv(j, rows)
         hidden = hidden + self._attend(cross_layer.EncDecAttention, cross_layer.layer_norm(hidden), keys, values,
-                                       self.cross_mask)
+                                       cross_mask)
         hidden = _clamp_fp16(hidden)
-        self.block_runs[j] += end - t
-        if self.flops is not None:
-            self.flops.blocks += sum(decoder_block_flops(self.flops.shape, p + 1, self.encoder_states.shape[1])
-                                     for p in range(t, end))
+        for r, s, n in zip(rows.local, rows.starts, rows.lengths):
+            result = self.live[r].result
+            result.block_runs[j] += n
+            if self.count_flops:
+                result.flops.blocks += sum(decoder_block_flops(self.shape, p + 1, self.live[r].encoder_length)
+                                           for p in range(s, s + n))
         return _clamp_fp16(ff_layer(hidden))
 
-    def _propagate(self, j: int, upto: int) -> None:
-        """Give block j keys/values for positions filled[j]..upto-1 from their copied exit states."""
-        start = self.filled[j]
-        if start < upto:
-            normed = self.blocks[j].layer[0].layer_norm(self.exit_states[:, start:upto])
-            self._store_self_kv(j, normed, start)
-            if self.flops is not None:
-                self.flops.blocks += skipped_block_flops(self.flops.shape, upto - start)
+    def propagate(self, j: int, local: List[int], upto: List[int]) -> None:
+        """Give block j keys/values for each row's positions filled..upto-1 from their copied
+        exit states (state propagation, in one projection for all rows)."""
+        filled = self.cache.filled[j]
+        pending = [(r, filled[r], s) for r, s in zip(local, upto) if filled[r] < s]
+        if not pending:
+            return
+        mark = self.timer.now()
+        row_index = torch.tensor([r for r, a, b in pending for _ in range(a, b)], dtype=torch.long, device=self.device)
+        positions = torch.tensor([p for r, a, b in pending for p in range(a, b)], dtype=torch.long, device=self.device)
+        attention = self.blocks[j].layer[0].SelfAttention
+        normed = self.blocks[j].layer[0].layer_norm(self.exit_states[row_index, positions])  # (P, d)
+        split = (-1, self.num_heads, self.head_dim)
+        self.cache.write(j, row_index, positions, attention.k(normed).view(split), attention.v(normed).view(split),
+                         [b for _, _, b in pending], [r for r, _, _ in pending])
+        if self.count_flops:
+            for r, a, b in pending:
+                self.live[r].result.flops.blocks += skipped_block_flops(self.shape, b - a)
+        self.timer.add("propagation", mark)
 
-    def _output_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The full head that predicts a token at the last layer (counted with the blocks)."""
-        return counted_output_logits(self.model, hidden, self.flops)[:, -1].argmax(-1, keepdim=True)
+    def output_head(self, hidden: torch.Tensor, rows: List[int]) -> torch.Tensor:
+        """The full head predicting tokens (one per row of hidden (R, d)); counted with the blocks."""
+        if self.count_flops:
+            for r in rows:
+                self.live[r].result.flops.blocks += output_head_flops(self.shape)
+        return output_logits(self.model, hidden).argmax(-1)
 
-    # ----- the loop ------------------------------------------------------------------------
-    def run(self, input_ids: torch.Tensor, start_token: int, eos_ids: set):
-        """Decode input_ids (1, S). Returns (tokens with the start token, exit layer per token)."""
+    # ----- the loop ------------------------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: int, eos_ids: set) -> List[RowResult]:
+        """Decode input_ids (B, S) with its attention mask; one RowResult per row, in order."""
         timer = self.timer
         mark = timer.now()
-        self.encoder_states = self.model.encoder(input_ids=input_ids).last_hidden_state
-        self.cross_mask = torch.zeros((1, self.num_heads, 1, input_ids.shape[1]), device=self.device, dtype=self.dtype)
-        if self.flops is not None:
-            self.flops.encoder += encoder_flops(self.flops.shape, input_ids.shape[1])
+        self.encoder_states = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.cross_mask = torch.zeros(attention_mask.shape, device=self.device, dtype=self.dtype)
+        self.cross_mask = self.cross_mask.masked_fill(attention_mask == 0, self.min_value)[:, None, None, :]
+        lengths = attention_mask.sum(-1).tolist()
+        B, L = input_ids.shape[0], self.num_layers
+        self.live: List[RowState] = []
+        for b in range(B):
+            flops = FlopCounter(self.shape) if self.count_flops else None
+            if flops is not None:
+                flops.encoder += encoder_flops(self.shape, lengths[b])
+            self.live.append(RowState(b, start_token, L, lengths[b], flops, self.tracing))
         timer.add("encoder", mark)
+        self.cache = KVCache(L, B, self.num_heads, self.max_new_tokens, self.head_dim, self.device, self.dtype)
+        self.exit_states = torch.empty((B, self.max_new_tokens, self.model.config.d_model), device=self.device,
+                                       dtype=self.dtype)
+        self.cross = [None] * L
+        done = []
+        while self.live:
+            outcomes = self.step(self)
+            finished = []
+            for i, (state, outcome) in enumerate(zip(self.live, outcomes)):
+                state.apply(outcome, L)
+                if isinstance(outcome, Rollback):  # resume after the corrected token
+                    self.cache.truncate(i, outcome.position + 1)
+                tokens = state.result.tokens
+                if tokens[-1] in eos_ids or len(tokens) > self.max_new_tokens:
+                    finished.append(i)
+            if finished:
+                done.extend(self.live[i] for i in finished)
+                self._keep([i for i in range(len(self.live)) if i not in finished])
+        done.sort(key=lambda state: state.row)
+        return [state.result for state in done]
 
-        self.tokens, self.exit_layers = [start_token], []
-        step = self._trace_token if self.trace is not None else self._decode_token
-        token = torch.tensor([[start_token]], device=self.device)
-        while len(self.tokens) <= self.max_new_tokens:
-            t = len(self.tokens) - 1  # position of the input token
-            prediction, exit_layer = step(token, t)
-            if prediction is None:  # rolled back: resume after the corrected token
-                token = torch.tensor([[self.tokens[-1]]], device=self.device)
-            else:
-                token = prediction
-                self.tokens.append(int(prediction.item()))
-                self.exit_layers.append(exit_layer)
-                if self.scorer is not None and self.scorer.jsd_step is not None:
-                    self.jsd_steps.append(self.scorer.jsd_step)
-            if self.tokens[-1] in eos_ids:
-                break
-        return self.tokens, self.exit_layers
+    def _keep(self, keep: List[int]) -> None:
+        """Only these live rows go on: finished rows leave every buffer, and cost nothing after."""
+        self.live = [self.live[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.keep(index, keep)
+        self.exit_states = self.exit_states.index_select(0, index)
+        self.encoder_states = self.encoder_states.index_select(0, index)
+        self.cross_mask = self.cross_mask.index_select(0, index)
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]
 
-    def _decode_token(self, token: torch.Tensor, t: int):
-        """One token under the exit policy: (predicted token (1, 1), exit layer)."""
-        timer, policy, scorer = self.timer, self.policy, self.scorer
-        threshold = policy.threshold_at(t, self.max_new_tokens)
-        if scorer is not None:
-            scorer.start_token()
-        hidden = self.embed(token)
-        previous, prediction, exit_layer = hidden, None, policy.last_layer
-        for j in range(policy.last_layer):
-            if self.filled[j] < t:
-                mark = timer.now()
-                self._propagate(j, t)
-                timer.add("propagation", mark)
-            mark = timer.now()
-            previous, hidden = hidden, self._block(j, hidden, t)
-            mark = timer.add("blocks", mark)
-            if scorer is None:
-                continue
-            scorer.remember(j + 1, hidden)
-            if policy.checks(j + 1) and scorer.confidence(j + 1, hidden, previous) > threshold:
-                exit_layer = j + 1
-                prediction = scorer.predict(exit_layer, hidden)
-                timer.add("confidence", mark)
-                break
-            timer.add("confidence", mark)
+    def stack_states(self, hidden: torch.Tensor, which: List[int], local: List[int], positions: List[int]) -> None:
+        """Copy the exit states hidden[which] (rows `local` of the batch) for later propagation."""
+        index = torch.tensor(which, dtype=torch.long, device=self.device)
+        self.exit_states[torch.tensor(local, dtype=torch.long, device=self.device), torch.tensor([positions[r] for r in local],
+                         device=self.device)] = hidden.index_select(0, index)[:, 0]
+
+    def input_tokens(self) -> torch.Tensor:
+        """The last token of every live row, as the next step's input (R, 1)."""
+        return torch.tensor([[state.result.tokens[-1]] for state in self.live], device=self.device)
+
+    def counters(self, local: List[int]):
+        return [self.live[r].result.flops for r in local] if self.count_flops else None
+
+
+def exit_step(decoder: BatchDecoder) -> list:
+    """One token for every live row under the exit policy: each row leaves after the first
+    checked layer whose confidence passes its threshold, or at the policy's last layer. With
+    traces every row runs all L layers and the trace records where it would have left."""
+    policy, scorer, timer = decoder.policy, decoder.scorer, decoder.timer
+    live = decoder.live
+    positions = [state.position for state in live]
+    thresholds = [policy.threshold_at(t, decoder.max_new_tokens) for t in positions]
+    rows = decoder.select(list(range(len(live))), positions, [1] * len(live))
+    tracer = LayerTracer(decoder, rows.local) if decoder.tracing else None
+    if scorer is not None:
+        scorer.start_step(decoder.counters(rows.local))
+    hidden = decoder.embed(decoder.input_tokens())
+    outcomes = [None] * len(live)
+    would_exit = [None] * len(live)
+    last = policy.num_layers if tracer is not None else policy.last_layer
+    for j in range(last):
+        if decoder.lazy:
+            decoder.propagate(j, rows.local, rows.starts)
         mark = timer.now()
-        if exit_layer < policy.num_layers:
-            self.exit_states[:, t] = hidden[:, 0]
-            if not self.lazy:
-                for j in range(exit_layer, policy.num_layers):
-                    self._propagate(j, t + 1)
-        if prediction is None:  # the last layer (or a static exit): the full output head
-            prediction = self._output_head(hidden)
-        timer.add("head", mark)
-        return prediction, exit_layer
-
-    def _trace_token(self, token: torch.Tensor, t: int):
-        """plotting_logits: run all L layers, record each layer's view of the final prediction."""
-        policy, scorer = self.policy, self.scorer
-        threshold = policy.threshold_at(t, self.max_new_tokens)
+        previous, hidden = hidden, decoder.block(j, hidden, rows)
+        mark = timer.add("blocks", mark)
+        leaving, confidences = [], None
         if scorer is not None:
-            scorer.start_token()
-        hidden = self.embed(token)
-        layer_logits, confidences, would_exit = [], [], None
-        for j in range(policy.num_layers):
-            previous, hidden = hidden, self._block(j, hidden, t)
-            confidence = float("nan")
-            if scorer is not None:
-                scorer.remember(j + 1, hidden)
-                if policy.checks(j + 1):
-                    confidence = scorer.confidence(j + 1, hidden, previous)
-                    if confidence > threshold and would_exit is None:
-                        would_exit = j + 1
-            confidences.append(confidence)
-            layer_logits.append(output_logits(self.model, hidden)[0, -1])
-        logits = torch.stack(layer_logits)  # (L, V)
-        final = logits[-1].argmax()
-        self.trace["ranks"].append((logits > logits[:, final : final + 1]).sum(-1).tolist())
-        self.trace["confidences"].append(confidences)
-        self.trace["max_probs"].append(logits.float().softmax(-1).max(-1).values.tolist())
-        self.trace["agrees"].append((logits.argmax(-1) == final).tolist())
-        self.trace["exit_layers"].append(would_exit or policy.last_layer)
-        return final.view(1, 1), policy.num_layers
+            scorer.remember(j + 1, hidden)
+            if policy.checks(j + 1):
+                confidences = scorer.confidence(j + 1, hidden, previous)
+                leaving = [i for i, c in enumerate(confidences) if c > thresholds[rows.local[i]]]
+        if tracer is not None:
+            tracer.layer(j + 1, hidden, confidences)
+            for i in leaving:
+                if would_exit[rows.local[i]] is None:
+                    would_exit[rows.local[i]] = j + 1
+            timer.add("confidence", mark)
+            continue
+        if leaving:
+            tokens = scorer.predict(j + 1, hidden, leaving).tolist()
+            jsd = scorer.jsd_step
+            for i, token in zip(leaving, tokens):
+                outcomes[rows.local[i]] = Emit(token, j + 1, jsd[i] if jsd is not None else None)
+            decoder.stack_states(hidden, leaving, [rows.local[i] for i in leaving], positions)
+            gone = set(leaving)
+            staying = [i for i in range(len(rows.local)) if i not in gone]
+            if staying:
+                scorer.keep(staying)
+                index = torch.tensor(staying, dtype=torch.long, device=decoder.device)
+                hidden, previous = hidden.index_select(0, index), previous.index_select(0, index)
+            rows = rows.take(staying)
+        timer.add("confidence", mark)
+        if not rows.local:
+            break
+    if rows.local:
+        mark = timer.now()
+        jsd = scorer.jsd_step if scorer is not None else None
+        if tracer is not None:
+            tokens, exit_layer = tracer.finish(would_exit, policy.last_layer), policy.num_layers
+        else:
+            tokens, exit_layer = decoder.output_head(hidden[:, 0], rows.local).tolist(), policy.last_layer
+        for i, (r, token) in enumerate(zip(rows.local, tokens)):
+            outcomes[r] = Emit(token, exit_layer, jsd[i] if jsd is not None else None)
+        if tracer is None and policy.last_layer < policy.num_layers:  # static exit: later blocks need this state
+            decoder.stack_states(hidden, list(range(len(rows.local))), rows.local, positions)
+        timer.add("head", mark)
+    if not decoder.lazy:
+        for j in range(decoder.num_layers):
+            decoder.propagate(j, list(range(len(live))), [t + 1 for t in positions])
+    return outcomes
 
 
-def summarise_exits(exit_layers: List[int], block_runs: List[int]) -> dict:
-    """block_avg (blocks run per generated token, parallel recomputation included), block_op
-    (positions each block ran) and the histogram of exit layers."""
-    count = len(exit_layers)
-    histogram = [sum(1 for e in exit_layers if e == layer) for layer in range(1, len(block_runs) + 1)]
-    return {
-        "tokens": count,
-        "block_avg": (sum(block_runs) / count) if count else 0.0,
-        "block_op": list(block_runs),
-        "exit_layer_counts": histogram,
-    }
+class LayerTracer:
+    """plotting_logits: observes every layer of a token step and records, per row, each layer's
+    view of the final prediction (rank, confidence, max probability, agreement)."""
+
+    def __init__(self, decoder: BatchDecoder, local: List[int]):
+        self.decoder, self.local = decoder, local
+        self.logits, self.confidences = [], []
+
+    def layer(self, layer: int, hidden: torch.Tensor, confidences: Optional[List[float]]) -> None:
+        decoder = self.decoder
+        self.logits.append(output_logits(decoder.model, hidden)[:, 0])  # (R, V)
+        self.confidences.append(confidences if confidences is not None else [float("nan")] * len(self.local))
+        if decoder.count_flops:  # diagnostic heads below the last layer are confidence work
+            for r in self.local:
+                flops = decoder.live[r].result.flops
+                if layer < decoder.num_layers:
+                    flops.confidence += head_flops(decoder.shape, decoder.shape.vocab_size)
+                else:
+                    flops.blocks += output_head_flops(decoder.shape)
+
+    def finish(self, would_exit: List[Optional[int]], last_layer: int) -> List[int]:
+        """Record the step per row; returns the final layer's predictions."""
+        logits = torch.stack(self.logits, dim=1)  # (R, L, V)
+        final = logits[:, -1].argmax(-1)  # (R,)
+        ranks = (logits > logits.gather(2, final[:, None, None].expand(-1, logits.shape[1], 1))).sum(-1)
+        max_probs = logits.float().softmax(-1).max(-1).values
+        agrees = logits.argmax(-1) == final[:, None]
+        for i, r in enumerate(self.local):
+            trace = self.decoder.live[r].result.trace
+            trace["ranks"].append(ranks[i].tolist())
+            trace["confidences"].append([c[i] for c in self.confidences])
+            trace["max_probs"].append(max_probs[i].tolist())
+            trace["agrees"].append(agrees[i].tolist())
+            trace["exit_layers"].append(would_exit[r] or last_layer)
+        return final.tolist()

@@ -9,24 +9,22 @@
     model.exit_stats()  # block_avg, block_op, tokens, exit layers, wall time per component
 
 The flags are read from `model.config` at every call, so changing them (through
-`update_autoconfig`) takes effect on the next `generate`.
+`update_autoconfig`) takes effect on the next `generate`; `generate(..., exit_args=args)` decodes
+one call with other flags and leaves the config as it is.
 """
 
-import time
 from typing import Optional
 
 import torch
 from transformers import T5ForConditionalGeneration
 
 from models.confidence import build_meta_head
-from models.decode_loop import ComponentTimer, ExitPolicy, SequenceDecoder, summarise_exits
-from models.flops import FlopCounter, Shape
 from models.adaptive_threshold import BetaMixtureThreshold
+from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from models.layer_scorer import LayerScorer
-from models.shallow_deep import ShallowDeepDecoder
+from models.results import TIMED_COMPONENTS, merge_rows
+from models.shallow_deep import ShallowDeepStep
 from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
-
-TIMED_COMPONENTS = ("encoder", "blocks", "confidence", "head", "propagation")
 
 
 def _uses_meta_head(config) -> bool:
@@ -47,9 +45,9 @@ class EarlyExitGenerationMixin:
         self._exit_stats = {}
         self.threshold_estimator = None  # FREE's adaptive threshold, kept across generate calls
 
-    def exit_args(self) -> AdditionalArguments:
-        """The validated flags this model decodes with now."""
-        args = AdditionalArguments.from_config(self.config)
+    def exit_args(self, overrides: Optional[AdditionalArguments] = None) -> AdditionalArguments:
+        """The validated flags a generate call decodes with: `overrides`, else the config's."""
+        args = overrides if overrides is not None else AdditionalArguments.from_config(self.config)
         validate_additional_args(args, self.config.num_decoder_layers)
         if _uses_meta_head(args) and getattr(self, "cm_head", None) is None:
             raise ValueError("exit_conf_type='meta' needs the meta head: build the model with that flag in its config.")
@@ -76,12 +74,16 @@ class EarlyExitGenerationMixin:
 
     @torch.inference_mode()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None,
-                 do_sample=False, num_beams=1, lazy_propagation=True, **unsupported):
-        """Greedy decoding with the configured exit policy; returns ids as HF's generate does.
+                 do_sample=False, num_beams=1, lazy_propagation=True, exit_args: Optional[AdditionalArguments] = None,
+                 **unsupported):
+        """Greedy decoding with the exit policy; returns ids (B, longest + 1) as HF's generate does,
+        shorter rows padded after their end.
 
-        Each row of a batch is decoded on its own, without its padding, so that it is decoded
-        exactly as it would be alone. `lazy_propagation=False` fills skipped blocks' caches at
-        once instead of on first use (same result; kept to test that claim).
+        The rows of a batch decode together, each exactly as it would alone (its tokens, exit
+        layers, block counts, FLOPs and traces). `exit_args` decodes this call with those flags
+        instead of the ones in `model.config` (which stay the default). `lazy_propagation=False`
+        fills skipped blocks' caches at once instead of on first use (same result; kept to test
+        that claim).
         """
         if unsupported:
             raise ValueError(f"generate() does greedy decoding only; unsupported arguments: {sorted(unsupported)}.")
@@ -91,80 +93,65 @@ class EarlyExitGenerationMixin:
             raise ValueError("input_ids must be a non-empty (batch, length) tensor.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}.")
-        args = self.exit_args()
+        if attention_mask is not None and not attention_mask.bool().any(-1).all():
+            row = int((~attention_mask.bool().any(-1)).nonzero()[0, 0])
+            raise ValueError(f"row {row} of attention_mask masks every input token.")
+        args = self.exit_args(exit_args)
         steps = self._max_new_tokens(max_new_tokens, max_length)
         start, pad, eos_ids = self._special_tokens()
-        num_layers = self.config.num_decoder_layers
-        policy = ExitPolicy.from_args(args, num_layers)
-        timer = ComponentTimer(self.device, args.use_synchronize)
         if self.training:
             raise ValueError("generate() needs the model in eval mode (call model.eval()): dropout would change outputs.")
-
-        flops = FlopCounter(Shape.of(self.config)) if args.count_flops else None
+        num_layers = self.config.num_decoder_layers
+        policy = ExitPolicy.from_args(args, num_layers)
         trace = bool(args.plotting_logits)
         if trace and policy.conf_type is None and args.static_exit_layer is None:
             # diagnostics of a run without exits still report the softmax confidence per layer
             policy = ExitPolicy(num_layers, num_layers, "softmax", 1.0)
+        timer = ComponentTimer(self.device, args.use_synchronize)
         began = timer.now()
         input_ids = input_ids.to(self.device)
-        rows, all_exits, traces, jsd_steps = [], [], [], []
-        block_runs = [0] * num_layers
-        free_counts = {}
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b : b + 1]
-            if attention_mask is not None:
-                ids = ids[:, attention_mask[b].to(self.device).bool()]
-                if ids.shape[1] == 0:
-                    raise ValueError(f"row {b} of attention_mask masks every input token.")
-            scorer = LayerScorer(self, args, policy.conf_type, flops, args.render_jsds) if policy.conf_type else None
-            decoder = self._sequence_decoder(args, policy, timer, steps, scorer, flops, trace, lazy_propagation)
-            tokens, exits = decoder.run(ids, start, eos_ids)
-            block_runs = [a + b for a, b in zip(block_runs, decoder.block_runs)]
-            for key, value in getattr(decoder, "counts", {}).items():
-                free_counts[key] = free_counts.get(key, 0) + value
-            if self.threshold_estimator is not None and args.use_adapt_threshold:
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
+        free = args.use_shallow_deep and uses_parallel_decoding(args) and not trace
+        step = self._shallow_deep_step(args) if free else None
+        decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
+                               lazy_propagation=lazy_propagation, step=step)
+        rows = decoder.run(input_ids, attention_mask, start, eos_ids)
+        if free and args.use_adapt_threshold:  # refit as if the rows had come one after another
+            for row in rows:
+                for confidence, agrees in row.observations:
+                    self.threshold_estimator.observe(confidence, agrees)
                 self.threshold_estimator.end_sample()
-            rows.append(tokens)
-            all_exits.append(exits)
-            traces.append(decoder.trace)
-            jsd_steps.append(decoder.jsd_steps)
         total = timer.now() - began
 
-        width = max(len(r) for r in rows)
+        width = max(len(row.tokens) for row in rows)
         out = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
-        for b, tokens in enumerate(rows):
-            out[b, : len(tokens)] = torch.tensor(tokens, device=self.device)
+        for b, row in enumerate(rows):
+            out[b, : len(row.tokens)] = torch.tensor(row.tokens, device=self.device)
 
-        stats = summarise_exits([e for exits in all_exits for e in exits], block_runs)
-        stats.update(free_counts)
-        if args.use_adapt_threshold:
+        stats = merge_rows(rows, num_layers, policy.max_checked_layer if free else None)
+        if free and args.use_adapt_threshold:
             stats["adaptive_threshold"] = self.threshold_estimator.threshold
-        stats["exit_layers"] = all_exits
         stats["time_total"] = total
         for name in TIMED_COMPONENTS:
             stats[f"time_{name}"] = timer.seconds.get(name, 0.0)
-        if flops is not None:
-            stats.update(flops.as_stats())
         if trace:
-            stats["layer_traces"] = traces  # per row: util.diagnostics.LayerTrace fields
+            stats["layer_traces"] = [row.trace for row in rows]  # per row: util.diagnostics.LayerTrace fields
         if args.render_jsds:
-            stats["jsd_steps"] = jsd_steps  # per row, per token: {"jsd", "chosen", "expert_layer"}
+            stats["jsd_steps"] = [row.jsd_steps for row in rows]  # per row, per token: {"jsd", "chosen", "expert_layer"}
         self._exit_stats = stats
         return out
 
-    def _sequence_decoder(self, args, policy, timer, steps, scorer, flops, trace, lazy_propagation):
-        """The decode loop for one row: FREE's synchronized parallel decoding, or the exit loop."""
-        common = dict(scorer=scorer, flops=flops, trace=trace, lazy_propagation=lazy_propagation)
-        if not (args.use_shallow_deep and uses_parallel_decoding(args)) or trace:
-            return SequenceDecoder(self, policy, timer, steps, **common)
-        estimator = None
+    def _shallow_deep_step(self, args) -> ShallowDeepStep:
+        """FREE's step; the adaptive threshold's estimator lives on the model across calls."""
+        threshold, observing = args.shallow2deep_conf_threshold, False
         if args.use_adapt_threshold:
             if self.threshold_estimator is None:
                 self.threshold_estimator = BetaMixtureThreshold(args.shallow2deep_conf_threshold,
                                                                 args.adapt_threshold_level, args.adapt_threshold_samples)
-            estimator = self.threshold_estimator
-        return ShallowDeepDecoder(self, policy, timer, steps, rollback_threshold=args.rollback_conf_threshold,
-                                  estimator=estimator, causal=args.parallel_causal_mask, **common)
+            threshold, observing = self.threshold_estimator.threshold, self.threshold_estimator.collecting
+        return ShallowDeepStep(threshold, rollback_threshold=args.rollback_conf_threshold, observing=observing,
+                               causal=args.parallel_causal_mask)
 
     def exit_stats(self) -> dict:
         """Statistics of the last generate call."""

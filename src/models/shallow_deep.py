@@ -1,100 +1,113 @@
-"""FREE's shallow-deep module with synchronized parallel decoding and rollback.
+"""FREE's shallow-deep module with synchronized parallel decoding and rollback, per row of a batch.
 
 Every token runs the shallow decoder (blocks 1..k) and is scored at layer k. A confident token
-exits there and its layer-k state is stacked. The next token that needs the deep decoder runs
-blocks k+1..L once over all stacked positions plus itself (one causal pass with the right
-relative positions), which gives the deep caches the skipped tokens' real states. With a
-rollback threshold, the deep predictions of the stacked positions are checked against the tokens
-the shallow path emitted: at the first whose cross-entropy passes the threshold, the token is
-replaced by the deep prediction and everything after it is discarded.
+exits there and its layer-k state is stacked. The next token of that row that needs the deep
+decoder runs blocks k+1..L once over the row's stacked positions plus itself (one causal pass
+with the right relative positions), which gives the deep caches the skipped tokens' real states.
+Rows needing the deep pass in the same step share it: each over its own positions, padded to
+the longest and masked. With a rollback threshold, the deep predictions of the stacked
+positions are checked against the tokens the shallow path emitted: at the first whose
+cross-entropy passes the threshold, the token is replaced by the deep prediction and everything
+after it is discarded (returned as a `Rollback`, applied by the loop).
 
 With `copy_skipped_hidden_states` (or without `parallel_gen_token`) the skipped tokens' deep
-keys/values come from their copied layer-k state instead, as in CALM's decode loop.
+keys/values come from their copied layer-k state instead: that is the loop's `exit_step` with
+the policy checking layer k only.
 """
+
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from models.decode_loop import SequenceDecoder, counted_output_logits
+from models.decode_loop import BatchDecoder, Emit, Rollback, output_logits
+from models.flops import output_head_flops
 
 
-class ShallowDeepDecoder(SequenceDecoder):
-    """Greedy decoding of one sequence with synchronized parallel deep passes."""
+class ShallowDeepStep:
+    """One token for every live row under FREE's shallow-deep policy."""
 
-    def __init__(self, *args, rollback_threshold=None, estimator=None, causal=True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.shallow = self.policy.max_checked_layer
+    def __init__(self, threshold: float, rollback_threshold: Optional[float] = None, observing: bool = False,
+                 causal: bool = True):
+        self.threshold = threshold  # the adaptive estimator's value when the call began, or the flag
         self.rollback_threshold = rollback_threshold
-        self.estimator = estimator
-        # labelled observations feed the estimator's refits only while it still refits
-        self.observing = estimator is not None and estimator.collecting
+        self.observing = observing  # label shallow confidences for the adaptive threshold's refits
         self.causal = causal
-        self.shallow_confidence = {}  # position -> confidence of its shallow exit
-        self.counts = {"shallow_tokens": 0, "deep_tokens": 0, "parallel_tokens": 0, "rollbacks": 0}
 
-    def threshold(self) -> float:
-        return self.estimator.threshold if self.estimator is not None else self.policy.threshold
-
-    def _decode_token(self, token: torch.Tensor, t: int):
-        timer, scorer, k = self.timer, self.scorer, self.shallow
-        scorer.start_token()
-        hidden = self.embed(token)
+    def __call__(self, decoder: BatchDecoder) -> list:
+        policy, scorer, timer = decoder.policy, decoder.scorer, decoder.timer
+        k, L = policy.max_checked_layer, policy.num_layers
+        live = decoder.live
+        positions = [state.position for state in live]
+        rows = decoder.select(list(range(len(live))), positions, [1] * len(live))
+        scorer.start_step(decoder.counters(rows.local))
+        hidden = decoder.embed(decoder.input_tokens())
         mark = timer.now()
         for j in range(k):
-            previous, hidden = hidden, self._block(j, hidden, t)
+            previous, hidden = hidden, decoder.block(j, hidden, rows)
             scorer.remember(j + 1, hidden)
         mark = timer.add("blocks", mark)
-        confidence = scorer.confidence(k, hidden, previous)
-        if confidence > self.threshold():
-            prediction = scorer.predict(k, hidden)
-            timer.add("confidence", mark)
-            self.exit_states[:, t] = hidden[:, 0]
-            self.shallow_confidence[t] = confidence
-            self.counts["shallow_tokens"] += 1
-            return prediction, k
-        shallow_prediction = scorer.predict(k, hidden) if self.observing else None
+        confidences = scorer.confidence(k, hidden, previous)
+        jsd = scorer.jsd_step or [None] * len(live)
+        leaving = [i for i, c in enumerate(confidences) if c > self.threshold]
+        deep = [i for i, c in enumerate(confidences) if not c > self.threshold]
+        outcomes = [None] * len(live)
+        # every row's layer-k state is stacked: the deep pass reads the current one from there too
+        decoder.exit_states[rows.index, torch.tensor(positions, dtype=torch.long, device=decoder.device)] = hidden[:, 0]
+        if leaving:
+            for i, token in zip(leaving, scorer.predict(k, hidden, leaving).tolist()):
+                outcomes[i] = Emit(token, k, jsd[i])
+                live[i].shallow_confidence[positions[i]] = confidences[i]
+        shallow = scorer.predict(k, hidden, deep).tolist() if self.observing and deep else None
         mark = timer.add("confidence", mark)
+        if not deep:
+            return outcomes
 
-        start = self.filled[k]  # first position the deep blocks have not seen
-        chunk = torch.cat([self.exit_states[:, start:t], hidden], dim=1)
-        for j in range(k, self.policy.num_layers):
-            chunk = self._block(j, chunk, start)
+        starts = [decoder.cache.filled[k][i] for i in deep]  # first position the deep blocks lack
+        lengths = [positions[i] - s + 1 for i, s in zip(deep, starts)]
+        deep_rows = decoder.select(deep, starts, lengths, causal=self.causal)
+        queries = torch.tensor(starts, dtype=torch.long, device=decoder.device)[:, None] + torch.arange(deep_rows.width, device=decoder.device)
+        queries = torch.minimum(queries, torch.tensor([positions[i] for i in deep], device=decoder.device)[:, None])
+        chunk = decoder.exit_states[deep_rows.index[:, None], queries]  # (R, n, d)
+        for j in range(k, L):
+            chunk = decoder.block(j, chunk, deep_rows)
         # the skipped positions' deep predictions only serve the estimator's labels and rollback
         checks_skipped = self.observing or self.rollback_threshold is not None
-        predicted = chunk if checks_skipped else chunk[:, -1:]
-        deep_logits = counted_output_logits(self.model, predicted, self.flops)[0]  # (positions, V)
+        if checks_skipped:
+            logits = output_logits(decoder.model, chunk)  # (R, n, V)
+            last = logits[torch.arange(len(deep)), torch.tensor(lengths) - 1]
+        else:
+            last = output_logits(decoder.model, chunk[torch.arange(len(deep)), torch.tensor(lengths) - 1])
+        if decoder.count_flops:
+            for i, n in zip(deep, lengths):
+                live[i].result.flops.blocks += output_head_flops(decoder.shape) * (n if checks_skipped else 1)
+        predictions = last.argmax(-1).tolist()
         mark = timer.add("blocks", mark)
-        self.counts["deep_tokens"] += 1
-        self.counts["parallel_tokens"] += t - start
-        prediction = deep_logits[-1].argmax().view(1, 1)
-        if self.observing:
-            self.estimator.observe(confidence, bool(shallow_prediction.item() == prediction.item()))
-        rolled_back = self._check_skipped(deep_logits[:-1], start)
+        for d, (i, start, n) in enumerate(zip(deep, starts, lengths)):
+            state = live[i]
+            state.result.parallel_tokens += n - 1
+            outcomes[i] = Emit(predictions[d], L, jsd[i])
+            if self.observing:
+                state.result.observations.append((confidences[i], shallow[d] == predictions[d]))
+            if checks_skipped and n > 1:
+                rollback = self._check_skipped(state, logits[d, : n - 1], start)
+                if rollback is not None:
+                    outcomes[i] = rollback
         timer.add("head", mark)
-        if rolled_back:
-            return None, None
-        return prediction, self.policy.num_layers
+        return outcomes
 
-    def _check_skipped(self, deep_logits: torch.Tensor, start: int) -> bool:
+    def _check_skipped(self, state, deep_logits: torch.Tensor, start: int) -> Optional[Rollback]:
         """Label the skipped tokens for the estimator; roll back at the first rejected one."""
-        if deep_logits.shape[0] == 0:
-            return False
-        emitted = torch.tensor(self.tokens[start + 1 : start + 1 + deep_logits.shape[0]], device=self.device)
+        emitted = torch.tensor(state.result.tokens[start + 1 : start + 1 + deep_logits.shape[0]], device=deep_logits.device)
         if self.observing:
             agrees = (deep_logits.argmax(-1) == emitted).tolist()
             for offset, agree in enumerate(agrees):
-                self.estimator.observe(self.shallow_confidence[start + offset], agree)
+                state.result.observations.append((state.shallow_confidence[start + offset], agree))
         if self.rollback_threshold is None:
-            return False
+            return None
         losses = F.cross_entropy(deep_logits.float(), emitted, reduction="none")
         rejected = (losses > self.rollback_threshold).nonzero()
         if rejected.numel() == 0:
-            return False
-        position = start + int(rejected[0, 0])
-        corrected = int(deep_logits[position - start].argmax())
-        # keep tokens up to the rejected one's input position, then the deep prediction
-        self.tokens = self.tokens[: position + 1] + [corrected]
-        self.exit_layers = self.exit_layers[:position] + [self.policy.num_layers]
-        self.filled = [min(filled, position + 1) for filled in self.filled]
-        self.counts["rollbacks"] += 1
-        return True
+            return None
+        offset = int(rejected[0, 0])
+        return Rollback(start + offset, int(deep_logits[offset].argmax()))

@@ -13,7 +13,7 @@ the next layer keeps its prefix (progressive pruning) instead of using the start
 """
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -29,15 +29,18 @@ def adaptive_size(k_start: int, k_min: int, scale: float, previous_confidence: f
     return min(k_start, max(k_min, math.ceil(k_start * (1.0 - scale * previous_confidence))))
 
 
-class ReducedHead:
-    """The retained rows of the LM head for one token, from its start layer on."""
+class RetainedSets:
+    """The retained rows of the LM head for the rows of a batch scoring the current token, from
+    their start layer on. Every tensor is aligned with the rows still running (`keep` drops the
+    rows that exited); row b's set is (token_ids[b], rows[b]), best first."""
 
     def __init__(self, mode: str, num_layers: int, k_max: int, k_min: int, scale: float, rerank: bool = False):
         self.mode, self.num_layers = mode, num_layers
         self.k_max, self.k_min, self.scale, self.rerank = k_max, k_min, scale, rerank
-        self._source = None  # (start layer's full logits, W), until the retained set is taken
-        self._token_ids: Optional[torch.Tensor] = None  # (k,) retained position -> token id
-        self._rows: Optional[torch.Tensor] = None  # (k, d) the matching rows of W
+        self.start_layer = None
+        self._source = None  # (start layer's full logits (R, V), W), until the sets are taken
+        self.token_ids: Optional[torch.Tensor] = None  # (R, k) retained position -> token id
+        self.rows: Optional[torch.Tensor] = None  # (R, k, d) the matching rows of W
         self.k_start = 0
 
     @property
@@ -45,50 +48,53 @@ class ReducedHead:
         return self._source is not None
 
     def start(self, layer: int, full_logits: torch.Tensor, weight: torch.Tensor) -> None:
-        """Start at `layer` with its full logits (1, 1, V). The top-k(layer) tokens and their rows
+        """Start at `layer` with its full logits (R, V). The top-k(layer) tokens and their rows
         are taken on first use: a token that exits at its start layer never pays for them."""
+        self.start_layer = layer
         self.k_start = schedule(layer, self.num_layers, self.k_max, self.k_min, full_logits.shape[-1])
         self._source = (full_logits, weight)
-        self._token_ids = self._rows = None
+        self.token_ids = self.rows = None
 
-    def _retain(self) -> None:
+    def retain(self) -> None:
+        """Take the sets (once per token) for the rows running now."""
+        if self.token_ids is None:
+            full_logits, weight = self._source
+            self.token_ids = full_logits.topk(self.k_start, dim=-1).indices  # sorted: score order
+            self.rows = weight[self.token_ids]
+
+    def keep(self, which: torch.Tensor) -> None:
+        """Only these rows (positions among the running ones) go on scoring."""
         full_logits, weight = self._source
-        self._token_ids = full_logits[0, 0].topk(self.k_start).indices  # topk is sorted: score order
-        self._rows = weight.index_select(0, self._token_ids)
+        self._source = (full_logits.index_select(0, which), weight)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.index_select(0, which)
+            self.rows = self.rows.index_select(0, which)
 
-    @property
-    def token_ids(self) -> Optional[torch.Tensor]:
-        if self._token_ids is None and self._source is not None:
-            self._retain()
-        return self._token_ids
-
-    @property
-    def rows(self) -> Optional[torch.Tensor]:
-        if self._rows is None and self._source is not None:
-            self._retain()
-        return self._rows
-
-    def size_at(self, layer: int, previous_confidence: float) -> int:
-        """How many retained rows layer `layer` (> start layer) scores."""
+    def sizes_at(self, layer: int, previous_confidences: List[float]) -> List[int]:
+        """How many retained rows each row scores at `layer` (> start layer)."""
         if self.mode == "fixed":
-            size = self.k_start
-        elif self.mode == "decaying":
-            size = schedule(layer, self.num_layers, self.k_max, self.k_min, self.k_start)
-        else:
-            size = adaptive_size(self.k_start, self.k_min, self.scale, previous_confidence)
-        return min(size, self.token_ids.shape[0])
+            return [self.k_start] * len(previous_confidences)
+        if self.mode == "decaying":
+            return [schedule(layer, self.num_layers, self.k_max, self.k_min, self.k_start)] * len(previous_confidences)
+        return [adaptive_size(self.k_start, self.k_min, self.scale, c) for c in previous_confidences]
 
-    def logits(self, normed: torch.Tensor, size: int) -> torch.Tensor:
-        """Scores (1, 1, size) of the best `size` retained tokens for an already scaled normed state."""
-        rows = self.rows if size == self.rows.shape[0] else self.rows[:size]
-        return torch.nn.functional.linear(normed, rows)
+    def logits(self, normed: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """Scores (R, max size) of each row's best `sizes[b]` retained tokens for its scaled normed
+        state (R, 1, d); a row's positions past its own size score -inf."""
+        self.retain()
+        width = max(sizes)
+        rows = self.rows if width == self.rows.shape[1] else self.rows[:, :width]
+        scores = torch.bmm(rows, normed.transpose(1, 2)).squeeze(-1)
+        if min(sizes) < width:
+            beyond = torch.arange(width, device=scores.device) >= torch.tensor(sizes, device=scores.device)[:, None]
+            scores = scores.masked_fill(beyond, float("-inf"))
+        return scores
 
-    def reorder(self, logits: torch.Tensor) -> None:
-        """Progressive pruning: keep the scored rows, ordered by this layer's own scores."""
-        order = logits[0, 0].argsort(descending=True)
-        self._token_ids = self.token_ids[order]
-        self._rows = self.rows.index_select(0, order)
-
-    def token_id(self, position: torch.Tensor) -> torch.Tensor:
-        """Token id of a position in the retained set."""
-        return self.token_ids[position]
+    def reorder(self, scores: torch.Tensor) -> None:
+        """Progressive pruning: each row's scored prefix re-ordered by these scores (R, width);
+        the rest keeps the start layer's order, so a later, larger prefix can grow back."""
+        width = scores.shape[1]
+        order = scores.sort(dim=-1, descending=True, stable=True).indices
+        self.token_ids[:, :width] = self.token_ids[:, :width].gather(1, order)
+        d = self.rows.shape[-1]
+        self.rows[:, :width] = self.rows[:, :width].gather(1, order[..., None].expand(-1, -1, d))
