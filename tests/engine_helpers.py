@@ -113,15 +113,17 @@ def threshold_rule(model, conf_type, threshold, min_layer=1):
 
 
 @lru_cache(maxsize=None)
-def _trained_copy_weights(num_decoder_layers: int):
+def _trained_copy_weights(num_decoder_layers: int, lengths=None):
     """Trained once per test session for each depth (training takes seconds)."""
-    trained = train_copy_model(copy_config(num_decoder_layers=num_decoder_layers))
+    trained = train_copy_model(copy_config(num_decoder_layers=num_decoder_layers), lengths=lengths,
+                               steps=300 if lengths else 150)
     return trained.config, {k: v.clone() for k, v in trained.state_dict().items()}
 
 
-def trained_copy_model(num_decoder_layers: int = 4, dtype=torch.float32):
-    """A fresh deploy model with the session's trained copy-task weights (encoder of 2 blocks)."""
-    config, state = _trained_copy_weights(num_decoder_layers)
+def trained_copy_model(num_decoder_layers: int = 4, dtype=torch.float32, lengths=None):
+    """A fresh deploy model with the session's trained copy-task weights (encoder of 2 blocks);
+    `lengths` (a tuple) trains on sources of those lengths, so outputs end at different steps."""
+    config, state = _trained_copy_weights(num_decoder_layers, lengths)
     model = deploy_model(type(config).from_dict(config.to_dict()))
     model.load_state_dict(state)
     return model.to(dtype)

@@ -27,16 +27,18 @@ def copy_batch(generator: torch.Generator, batch: int, length: int, vocab: int):
     return source, labels
 
 
-def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 5):
+def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 5, lengths=None):
     """Train with the loss of every decoder layer's output (each through the model's own head),
-    so that intermediate layers become confident on some tokens and not on others."""
+    so that intermediate layers become confident on some tokens and not on others. With
+    `lengths`, the source length cycles through them step by step (outputs of several lengths)."""
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
-        source, labels = copy_batch(generator, 32, length, config.vocab_size)
+    for step in range(steps):
+        n = lengths[step % len(lengths)] if lengths else length
+        source, labels = copy_batch(generator, 32, n, config.vocab_size)
         out = model(input_ids=source, labels=labels, output_hidden_states=True)
         loss = out.loss
         # decoder_hidden_states: embeddings, blocks 1..L-1 raw, block L after the final norm

@@ -1,0 +1,217 @@
+"""Batched decoding: every row of a batch decodes exactly as it would alone, under every method.
+
+The oracle is the same row decoded alone (batch 1, no padding); those single-row paths are in
+turn checked against HF and the cache-free references in test_engine, test_shallow_deep and
+test_contrastive. Rows have different source lengths, padding on either side, and the trained
+copy model stops them at different steps, so rows leave the batch at different times.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from engine_helpers import EOS, PAD, deploy_model, hf_twin, tiny_config, trained_copy_model
+from util.additional_args import AdditionalArguments
+
+SOURCE_LENGTHS = (3, 6, 5, 4)
+MAX_NEW_TOKENS = 14
+
+SOFTMAX = dict(use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.6)
+FREE = dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax",
+            shallow2deep_conf_threshold=0.8)
+METHODS = {
+    "full": {},
+    "static": dict(static_exit_layer=2),
+    "softmax": SOFTMAX,
+    "softmax-position-decay": dict(SOFTMAX, exit_min_layer=2, exit_position_temp=4.0),
+    "state": dict(use_early_exit=True, exit_conf_type="state", exit_conf_threshold=0.92),
+    "meta": dict(use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=0.5),
+    "contrastive": dict(use_early_exit=True, exit_conf_type="contrastive_decoding", exit_conf_threshold=0.5,
+                        exit_min_layer=2),
+    "reweighted": dict(use_early_exit=True, exit_conf_type="reweight_contrastive_decoding",
+                       exit_conf_threshold=0.5, exit_min_layer=2, emit_contrastive_token=True),
+    "jsd": dict(use_early_exit=True, exit_conf_type="JSD_contrastive_confidence", exit_conf_threshold=0.5,
+                exit_min_layer=3, render_jsds=True),
+    "fixed": dict(SOFTMAX, type_vocab_reduct="fixed", vocab_k_max=16, vocab_k_min=4),
+    "decaying-rerank": dict(SOFTMAX, type_vocab_reduct="decaying", vocab_k_max=16, vocab_k_min=4, vocab_rerank=True),
+    "adaptive-rerank": dict(SOFTMAX, type_vocab_reduct="adaptive", vocab_k_max=16, vocab_k_min=4, vocab_rerank=True),
+    "meta-adaptive": dict(use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=0.5,
+                          type_vocab_reduct="adaptive", vocab_k_max=16, vocab_k_min=4),
+    "state-decaying": dict(use_early_exit=True, exit_conf_type="state", exit_conf_threshold=0.92,
+                           type_vocab_reduct="decaying", vocab_k_max=16, vocab_k_min=4),
+    "jsd-fixed": dict(use_early_exit=True, exit_conf_type="JSD_contrastive_confidence", exit_conf_threshold=0.5,
+                      exit_min_layer=3, type_vocab_reduct="fixed", vocab_k_max=16, vocab_k_min=4),
+    "traces": dict(SOFTMAX, plotting_logits=True),
+    "flops": dict(SOFTMAX, exit_min_layer=2, type_vocab_reduct="decaying", vocab_k_max=16, vocab_k_min=4,
+                  count_flops=True),
+    "free": dict(FREE, count_flops=True),
+    "free-rollback": dict(FREE, rollback_conf_threshold=0.5),
+    "free-non-causal": dict(FREE, parallel_causal_mask=False),
+    "free-copied-states": dict(FREE, copy_skipped_hidden_states=True),
+    "free-adaptive-threshold": dict(FREE, use_adapt_threshold=True),
+    "free-meta": dict(FREE, shallow2deep_conf_type="meta", shallow2deep_conf_threshold=0.5),
+}
+SUMMED = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
+
+
+def planted_meta_head(model):
+    """A meta head whose P(exit) varies strongly with the state, so exits vary."""
+    from models.confidence import build_meta_head
+
+    torch.manual_seed(3)
+    head = build_meta_head(model.config.d_model).to(model.dtype)
+    with torch.no_grad():
+        head[2].weight.mul_(20.0)
+    return head
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        model = trained_copy_model(4, dtype, lengths=(3, 4, 5, 6))
+        model.cm_head = planted_meta_head(model)
+        out[dtype] = model
+    return out
+
+
+def sources(seed=11):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 31, (1, n), generator=generator) for n in SOURCE_LENGTHS]
+
+
+def padded(rows, side):
+    width = max(r.shape[1] for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = r.shape[1]
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[b, span], mask[b, span] = r[0], 1
+    return ids, mask
+
+
+def tolerance(model):
+    """Float figures (trace confidences, JSDs) agree up to the rounding of a different matmul shape."""
+    return dict(rel=1e-9, abs=1e-12) if model.dtype == torch.float64 else dict(rel=1e-4, abs=1e-6)
+
+
+def assert_close_lists(a, b, tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, nan_ok=True, **tol)
+
+
+def decode(model, args, input_ids, attention_mask=None, estimator=None):
+    model.threshold_estimator = copy.deepcopy(estimator)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=MAX_NEW_TOKENS,
+                         exit_args=args)
+    return out, model.exit_stats(), model.threshold_estimator
+
+
+def check_rows_equal_alone(model, flags, side, estimator=None):
+    args = AdditionalArguments(**flags)
+    rows = sources()
+    ids, mask = padded(rows, side)
+    out, stats, batch_estimator = decode(model, args, ids, mask, estimator)
+    alone_observations, exits_seen = [], set()
+    for b, row in enumerate(rows):
+        expected, alone, alone_estimator = decode(model, args, row, estimator=estimator)
+        width = expected.shape[1]
+        assert out[b, :width].tolist() == expected[0].tolist(), f"row {b} tokens"
+        assert (out[b, width:] == PAD).all()
+        assert stats["exit_layers"][b] == alone["exit_layers"][0], f"row {b} exit layers"
+        assert stats["rows"][b] == alone["rows"][0], f"row {b} block counts and FLOPs"
+        exits_seen.update(alone["exit_layers"][0])
+        if "layer_traces" in alone:
+            mine, theirs = stats["layer_traces"][b], alone["layer_traces"][0]
+            for key in ("ranks", "agrees", "exit_layers"):
+                assert mine[key] == theirs[key], key
+            for key in ("confidences", "max_probs"):
+                assert_close_lists(mine[key], theirs[key], tolerance(model))
+        if "jsd_steps" in alone:
+            assert len(stats["jsd_steps"][b]) == len(alone["exit_layers"][0])
+            for mine, theirs in zip(stats["jsd_steps"][b], alone["jsd_steps"][0]):
+                assert mine["chosen"] == theirs["chosen"] and mine["expert_layer"] == theirs["expert_layer"]
+                assert mine["jsd"] == pytest.approx(theirs["jsd"], **tolerance(model))
+        if alone_estimator is not None:
+            alone_observations += alone_estimator.confidences[len(estimator.confidences) if estimator else 0:]
+    if batch_estimator is not None:  # the rows' labels refit the estimator as if decoded one by one
+        start = len(estimator.confidences) if estimator else 0
+        assert batch_estimator.confidences[start:] == pytest.approx(alone_observations, **tolerance(model))
+    return stats, exits_seen
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_row_of_a_batch_decodes_as_it_would_alone_float64(models, method, side):
+    stats, exits_seen = check_rows_equal_alone(models[torch.float64], METHODS[method], side)
+    if method not in ("full", "static", "traces"):
+        assert len(exits_seen) >= 2, "exits do not vary: the comparison would be weak"
+    assert len({len(layers) for layers in stats["exit_layers"]}) >= 2, "rows should end at different steps"
+
+
+@pytest.mark.parametrize("method", ["softmax", "meta-adaptive", "jsd", "free-rollback", "flops"])
+def test_every_row_of_a_batch_decodes_as_it_would_alone_float32(models, method):
+    check_rows_equal_alone(models[torch.float32], METHODS[method], "right")
+
+
+def test_free_counts_of_a_batch_are_the_sums_of_its_rows(models):
+    model = models[torch.float64]
+    args = AdditionalArguments(**METHODS["free-rollback"])
+    rows = sources()
+    _, stats, _ = decode(model, args, *padded(rows, "right"))
+    totals = dict.fromkeys(SUMMED, 0)
+    for row in rows:
+        _, alone, _ = decode(model, args, row)
+        for key in SUMMED:
+            totals[key] += alone[key]
+    assert {key: stats[key] for key in SUMMED} == totals
+    assert stats["shallow_tokens"] + stats["deep_tokens"] == stats["tokens"]
+
+
+def test_adaptive_threshold_rows_use_the_estimate_of_when_the_call_began(models):
+    model = models[torch.float64]
+    args = AdditionalArguments(**METHODS["free-adaptive-threshold"])
+    estimator = None
+    for row in sources(5):  # an estimator that has seen a few samples
+        _, _, estimator = decode(model, args, row, estimator=estimator)
+    assert estimator.confidences, "the estimator saw nothing"
+    check_rows_equal_alone(model, METHODS["free-adaptive-threshold"], "right", estimator=estimator)
+
+
+def test_exit_args_decode_one_call_and_leave_the_config_as_it_was(models):
+    model = models[torch.float64]
+    rows = sources()
+    full, _, _ = decode(model, AdditionalArguments(), rows[0])
+    exiting, stats, _ = decode(model, AdditionalArguments(**SOFTMAX), rows[0])
+    assert stats["block_avg"] < 4.0  # the call's flags were used
+    assert model.config.use_early_exit is False or model.config.use_early_exit is None
+    again = model.generate(input_ids=rows[0], max_new_tokens=MAX_NEW_TOKENS)
+    assert torch.equal(again, full) and model.exit_stats()["block_avg"] == 4.0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_full_model_batch_equals_hf_generate_with_the_same_padding(side):
+    model = deploy_model(tiny_config(feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    reference = hf_twin(model)
+    generator = torch.Generator().manual_seed(2)
+    rows = [torch.randint(2, 64, (1, n), generator=generator) for n in (7, 3, 5)]
+    ids, mask = padded(rows, side)
+    expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10), expected)
+
+
+def test_rows_that_end_early_leave_the_batch(models):
+    """A finished row costs nothing: block counts of the batch are the sums over its rows."""
+    model = models[torch.float32]
+    rows = sources()
+    _, stats, _ = decode(model, AdditionalArguments(), *padded(rows, "right"))
+    lengths = [len(layers) for layers in stats["exit_layers"]]
+    assert min(lengths) < max(lengths)
+    assert stats["block_op"] == [sum(lengths)] * 4  # each row ran every block once per own token
+    out = model.generate(input_ids=padded(rows, "right")[0], attention_mask=padded(rows, "right")[1],
+                         max_new_tokens=MAX_NEW_TOKENS)
+    ended = [b for b, n in enumerate(lengths) if n < MAX_NEW_TOKENS]
+    assert ended and all(out[b, lengths[b]].item() == EOS for b in ended)
