@@ -55,10 +55,16 @@ def parse(argv: Optional[List[str]] = None):
     parser.add_argument("--reductions", default="none", help=f"comma-separated, of: {', '.join(REDUCTIONS)}")
     parser.add_argument("--min_layers", type=_ints, default=[1])
     parser.add_argument("--static_layers", type=_ints, default=[], help="static-exit reference cells")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="rows decoded at once per cell (results identical at any size; only timings change)")
     args = parser.parse_args(own)
     for reduction in args.reductions.split(","):
         if reduction not in REDUCTIONS:
             raise ValueError(f"--reductions: {reduction!r} is not one of {', '.join(REDUCTIONS)}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size={args.batch_size} must be a positive integer.")
+    if "--per_device_eval_batch_size" in task_argv:
+        raise ValueError("--per_device_eval_batch_size: give the sweep's --batch_size (before `--`) instead.")
     if not task_argv:
         raise ValueError("give the task script's arguments (model and data) after `--`.")
     if "--output_dir" in task_argv:
@@ -95,14 +101,15 @@ def cell_row(name: str, flags: List[str], results: dict) -> dict:
     return row
 
 
-def run_cell(task, task_argv, cell_dir, flags) -> Optional[dict]:
+def run_cell(task, task_argv, cell_dir, flags, batch_size: int = 1) -> Optional[dict]:
     """Run one cell unless it finished before; returns its results (None when invalid)."""
     done = os.path.join(cell_dir, "eval_results.json")
     if os.path.isfile(done):
         with open(done) as handle:
             return json.load(handle)
     argv = task_argv + ["--do_eval", "--output_dir", cell_dir, "--overwrite_output_dir", "True",
-                        "--deploy_scenario", "True", "--count_flops", "True"] + flags
+                        "--deploy_scenario", "True", "--count_flops", "True",
+                        "--per_device_eval_batch_size", str(batch_size)] + flags
     return runner.run(task, argv)
 
 
@@ -114,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     for name, flags in tqdm(cells.items(), desc="sweep cells"):
         cell_dir = os.path.join(args.output_dir, "cells", name)
         try:
-            results = run_cell(task_class(), task_argv, cell_dir, flags)
+            results = run_cell(task_class(), task_argv, cell_dir, flags, args.batch_size)
         except ValueError as error:
             if not flags:  # the full model has no method flags: its error is about the model or data
                 raise

@@ -163,3 +163,23 @@ def test_overwrite_output_dir_replaces_the_old_results(trained, data, tmp_path):
     assert not (out / "predict_results.json").exists()  # stale results of the old run are gone
     assert (out / "notes.txt").read_text() == "kept"  # other files are left alone
     assert _load(str(out), "all_results.json") == results
+
+
+def test_deploy_results_are_identical_at_any_batch_size_except_timings(trained, data, tmp_path):
+    model_dir, _ = trained
+    common = ["--model_name_or_path", model_dir, "--validation_file", data["valid_csv"], "--do_eval",
+              "--text_column", "dialogue", "--max_source_length", "96", "--deploy_scenario", "True",
+              "--use_early_exit", "True", "--exit_conf_type", "softmax", "--exit_conf_threshold", "0.3",
+              "--count_flops", "True"]
+    results, predictions = {}, {}
+    for size in (None, 3):
+        out = str(tmp_path / f"batch{size}")
+        extra = [] if size is None else ["--per_device_eval_batch_size", str(size)]
+        results[size] = runner.run(Summarization(), common + ["--output_dir", out] + extra)
+        predictions[size] = _load(out, "eval_predictions.jsonl")
+        config = _load(out, "run_config.json")
+        assert config["training_args"]["per_device_eval_batch_size"] == (size or 1)  # deploy default: 1
+    timing = ("runtime", "samples_per_second", "tokens_per_second")
+    same = {k: v for k, v in results[None].items() if not any(t in k for t in timing) and "time_" not in k}
+    assert same == {k: results[3][k] for k in same}
+    assert predictions[None] == predictions[3]

@@ -4,6 +4,7 @@ Arguments that only one task reads default to None here; the task fills its own 
 (`TaskAdapter.defaults`) and rejects another task's arguments, so nothing is silently ignored.
 """
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class DataTrainingArguments:
     val_max_target_length: Optional[int] = _arg(None, "Maximum generated length at evaluation (default: max_target_length).")
 
 
+EVAL_BATCH_FLAG = "per_device_eval_batch_size"
 ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments, AdditionalArguments)
 Arguments = Tuple[ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments, AdditionalArguments]
 
@@ -70,5 +72,13 @@ def parse_arguments(argv: Optional[List[str]] = None) -> Arguments:
         path = os.path.abspath(argv[0])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"argument file {path} does not exist.")
-        return parser.parse_json_file(json_file=path)
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=path)
+        with open(path, encoding="utf-8") as handle:
+            given = EVAL_BATCH_FLAG in json.load(handle)
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        given = any(a == f"--{EVAL_BATCH_FLAG}" or a.startswith(f"--{EVAL_BATCH_FLAG}=") for a in argv)
+    model_args, data_args, training_args, additional_args = parsed
+    if additional_args.deploy_scenario and not given:
+        training_args.per_device_eval_batch_size = 1  # the deploy scenario's default: latency, one row at a time
+    return model_args, data_args, training_args, additional_args

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
-from util.additional_args import AdditionalArguments, update_autoconfig
+from util.additional_args import AdditionalArguments
 from util.diagnostics import JsdTrace, LayerTrace, write_trace_files
 from util.plots import plot_all
 
@@ -26,17 +26,14 @@ def pooled_trace(layer_traces: List[dict]) -> LayerTrace:
     return LayerTrace(num_layers=len(layer_traces[0]["ranks"][0]), **pooled)
 
 
-def static_exit_metrics(evaluate: Callable[[AdditionalArguments], dict], model, additional_args, metric: str
+def static_exit_metrics(evaluate: Callable[[AdditionalArguments], dict], model, metric: str
                         ) -> Dict[int, float]:
-    """The task metric of a static exit at every decoder layer; the model's flags are restored."""
+    """The task metric of a static exit at every decoder layer; each evaluation decodes with its
+    own flags (generate's exit_args), the model's config is never changed."""
     results = {}
-    try:
-        for layer in tqdm(range(1, model.config.num_decoder_layers + 1), desc="static exit per layer"):
-            static = AdditionalArguments(deploy_scenario=True, static_exit_layer=layer)
-            update_autoconfig(model.config, static)
-            results[layer] = evaluate(static)[metric]
-    finally:
-        update_autoconfig(model.config, additional_args)
+    for layer in tqdm(range(1, model.config.num_decoder_layers + 1), desc="static exit per layer"):
+        static = AdditionalArguments(deploy_scenario=True, static_exit_layer=layer)
+        results[layer] = evaluate(static)[metric]
     return results
 
 

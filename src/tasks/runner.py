@@ -203,7 +203,7 @@ class ExitStatsTotals:
         self.last = {}  # figures that are states, not sums (the adaptive threshold)
 
     def add(self, stats: dict) -> None:
-        self.samples += 1
+        self.samples += len(stats["exit_layers"])  # one call decodes a batch of samples
         self.tokens += stats["tokens"]
         self.weighted_blocks += stats["block_avg"] * stats["tokens"]  # block_avg is per token
         self.block_op = _add_lists(self.block_op, stats["block_op"])
@@ -249,19 +249,21 @@ def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
 
 def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
                          num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
-                         show_progress: bool = True):
+                         show_progress: bool = True, exit_args=None):
     """(texts, generated lengths, exit layers per sample or None) for every source, in order.
 
-    With `stats`, each call's exit_stats are collected (the deploy model, batch size 1).
+    With `stats`, each call's exit_stats are collected (the deploy model, decoding with the flags
+    `exit_args`; its rows decode as they would alone, so only timings depend on the batch size).
     A failing generate call stops the run: a missing prediction is never scored as an answer.
     """
+    options = {} if exit_args is None else {"exit_args": exit_args}
     texts, lengths, exits = [], [], []
     for start in tqdm(range(0, len(sources), batch_size), desc="Generating", unit="batch", disable=not show_progress):
         batch = tokenizer(sources[start : start + batch_size], max_length=source_length, truncation=True,
                           padding=True, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **options)
         if stats is not None:
             call = model.exit_stats()
             stats.add(call)
@@ -285,9 +287,10 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
         model, tokenizer, sources, source_length,
         max_new_tokens=training_args.generation_max_length or generated_length,
         num_beams=training_args.generation_num_beams or 1,
-        batch_size=1 if deploy else training_args.per_device_eval_batch_size,
+        batch_size=training_args.per_device_eval_batch_size,
         stats=stats,
         show_progress=not training_args.disable_tqdm,
+        exit_args=additional_args if deploy else None,
     )
     runtime = time.perf_counter() - began
 
@@ -394,7 +397,7 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
                 static = static_exit_metrics(
                     lambda args: evaluate_split(task, raw[split], True, model, tokenizer, data_args,
                                                 training_args, args)[0],
-                    model, additional_args, task.main_metric)
+                    model, task.main_metric)
                 metrics[f"static_exit_{task.main_metric}"] = [static[layer] for layer in sorted(static)]
             results.update(save_results(output_dir, SPLIT_PREFIX[split], metrics, records))
             if stats is not None and (stats.layer_traces or stats.jsd_steps):
