@@ -1,0 +1,151 @@
+"""Batched decoding: our loop against HF generate per batch size, and what per-row exits buy.
+
+    .venv/bin/python bench/bench_batch.py [--shapes t5-small,t5-large] [--batches 1,8,32]
+                                          [--new-tokens 16] [--rounds 3] [--source-length 32]
+
+Random-weight models of T5 shapes (bench/common.py), timed side by side in interleaved rounds,
+medians reported. Per shape and batch size, with equal source lengths and with a padded mix
+(lengths spread over [length/2, length]):
+  hf / full    HF generate and our loop, full model (identical outputs asserted)
+  static       static exit at L/2: decoder speedup against full, as a fraction of the ideal 2
+  meta         a random meta head at a threshold that skips about half the blocks, rows exiting
+               at different layers: wall-clock decoder speedup against full, as a fraction of
+               what block_avg allows (L / block_avg)
+  softmax      softmax early exit with decaying vocabulary reduction
+Throughput is tokens/s of a batch against batch 1. Memory: the decode state the loop allocates
+(key/value cache and stacked exit states, from the shapes) and, on CUDA, the peak allocated.
+"""
+
+import argparse
+
+import torch
+from transformers import T5ForConditionalGeneration
+
+from common import SHAPES, build_model, median, print_table, run_side_by_side, save_results, synchronize
+from util.additional_args import AdditionalArguments
+
+
+def batch_inputs(model, batch: int, length: int, padded: bool, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:  # right padding, as a tokenizer pads a batch
+        for b in range(batch):
+            n = length - (b * (length // 2)) // max(batch - 1, 1)
+            ids[b, n:], mask[b, n:] = 0, 0
+    return ids.to(model.device), mask.to(model.device)
+
+
+def ours(model, ids, mask, steps, args):
+    def run():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, exit_args=args)
+        stats = model.exit_stats()
+        return {"decoder": stats["time_total"] - stats["time_encoder"], "block_avg": stats["block_avg"],
+                "tokens": stats["tokens"]}
+
+    return run
+
+
+def hf(model, ids, mask, steps):
+    def run():
+        T5ForConditionalGeneration.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                                            do_sample=False, num_beams=1)
+        return {"tokens": steps * ids.shape[0]}
+
+    return run
+
+
+def meta_threshold(model, ids, mask, steps, L):
+    """The meta threshold whose block_avg is closest to L/2 (random head: varied exits)."""
+    best = None
+    for threshold in (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, exit_args=AdditionalArguments(
+            use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=threshold))
+        gap = abs(model.exit_stats()["block_avg"] - L / 2)
+        if best is None or gap < best[0]:
+            best = (gap, threshold)
+    return best[1]
+
+
+def state_bytes(model, batch, steps):
+    c = model.config
+    kv = 2 * c.num_decoder_layers * batch * c.num_heads * steps * c.d_kv
+    return (kv + batch * steps * c.d_model) * model.dtype.itemsize
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="t5-small,t5-large")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--source-length", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    options = parser.parse_args()
+    device = torch.device(options.device)
+    steps, rows, payload = options.new_tokens, [], {"options": vars(options), "cells": []}
+    for shape in options.shapes.split(","):
+        model = build_model(shape, device=device)
+        torch.manual_seed(5)
+        from models.confidence import build_meta_head
+        model.cm_head = build_meta_head(model.config.d_model).to(device)
+        L = model.config.num_decoder_layers
+        base_tps = {}
+        for batch in [int(b) for b in options.batches.split(",")]:
+            for padded in (False, True):
+                if padded and batch == 1:
+                    continue
+                ids, mask = batch_inputs(model, batch, options.source_length, padded)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps)
+                expected = T5ForConditionalGeneration.generate(model, input_ids=ids, attention_mask=mask,
+                                                               max_new_tokens=steps, do_sample=False, num_beams=1)
+                assert torch.equal(out, expected), f"{shape} batch {batch}: full model differs from HF generate"
+                threshold = meta_threshold(model, ids, mask, steps, L)
+                variants = {
+                    "hf": hf(model, ids, mask, steps),
+                    "full": ours(model, ids, mask, steps, AdditionalArguments()),
+                    "static": ours(model, ids, mask, steps, AdditionalArguments(static_exit_layer=L // 2)),
+                    "meta": ours(model, ids, mask, steps, AdditionalArguments(
+                        use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=threshold)),
+                    "softmax": ours(model, ids, mask, steps, AdditionalArguments(
+                        use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.9,
+                        type_vocab_reduct="decaying")),
+                }
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                results = run_side_by_side(variants, options.rounds, device)
+                synchronize(device)
+                med = {name: median(r["seconds"]) for name, r in results.items()}
+                dec = {name: median(r["decoder"]) for name, r in results.items() if "decoder" in r}
+                block_avg = median(results["meta"]["block_avg"])
+                tps = {name: median(r["tokens"]) / med[name] for name, r in results.items()}
+                if batch == 1:
+                    base_tps = tps
+                cell = {
+                    "shape": shape, "batch": batch, "padded": padded,
+                    "full_vs_hf_time": med["full"] / med["hf"],
+                    "static_fraction_of_ideal": (dec["full"] / dec["static"]) / 2.0,
+                    "meta_block_avg": block_avg, "meta_threshold": threshold,
+                    "meta_fraction_of_block_avg": (dec["full"] / dec["meta"]) / (L / block_avg),
+                    "full_tps_vs_batch1": tps["full"] / base_tps["full"] if base_tps else None,
+                    "softmax_tps_vs_batch1": tps["softmax"] / base_tps["softmax"] if base_tps else None,
+                    "state_mib": state_bytes(model, batch, steps) / 2 ** 20,
+                    "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+                    "seconds": med,
+                }
+                payload["cells"].append(cell)
+                rows.append([shape, batch, "mix" if padded else "equal", f"{cell['full_vs_hf_time']:.2f}",
+                             f"{cell['static_fraction_of_ideal']:.2f}",
+                             f"{block_avg:.1f} -> {cell['meta_fraction_of_block_avg']:.2f}",
+                             f"{cell['full_tps_vs_batch1']:.1f}", f"{cell['softmax_tps_vs_batch1']:.1f}",
+                             f"{cell['state_mib']:.1f}"])
+                print_table(["shape", "batch", "sources", "full/hf time", "static/ideal", "meta block_avg -> /allowed",
+                             "full tok/s vs b1", "softmax tok/s vs b1", "state MiB"], rows[-1:])
+    print()
+    print_table(["shape", "batch", "sources", "full/hf time", "static/ideal", "meta block_avg -> /allowed",
+                 "full tok/s vs b1", "softmax tok/s vs b1", "state MiB"], rows)
+    print("saved", save_results("bench_batch", payload))
+
+
+if __name__ == "__main__":
+    main()
