@@ -7,6 +7,7 @@ slow cache-free `reference_decode` over HF's own decoder blocks (static and mixe
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -448,3 +449,22 @@ def test_runner_refuses_unsupported_model_types_before_loading(tmp_path, monkeyp
     with pytest.raises(ValueError, match=f"--model_name_or_path .*{message}.*Supported model types: longt5, mt5, t5"):
         summarize(folder, data_file(tmp_path), tmp_path / "out", "--deploy_scenario", "True")
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----- the long-document scripts ------------------------------------------------------------------------
+@pytest.mark.parametrize("script, data", [("run_sum_multinews.sh", "--dataset_name multi_news"),
+                                          ("run_sum_bigpatent.sh", "--dataset_name big_patent --dataset_config_name e")])
+def test_long_document_scripts_default_to_longt5_with_frees_settings(script, data):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # PYTHON=echo prints each stage's command line instead of running it
+    env = dict(os.environ, PYTHON="echo", METHOD="static")
+    env.pop("MODEL", None)
+    done = subprocess.run(["bash", os.path.join(root, "scripts", script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    train, evaluate = done.stdout.strip().splitlines()
+    assert train.startswith("src/run_summarization.py --model_name_or_path google/long-t5-tglobal-base " + data)
+    for stage in (train, evaluate):
+        assert "--max_source_length 2048 --max_target_length 512" in stage
+    assert "--learning_rate 1e-4 --num_train_epochs 3" in train and "--per_device_train_batch_size 2" in train
+    assert "--static_exit_layer 6" in evaluate and "--deploy_scenario True" in evaluate
