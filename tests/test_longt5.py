@@ -192,6 +192,27 @@ def test_mixed_exits_equal_cache_free_reference(trained_longt5, conf_type, thres
     assert len(seen) >= 2, f"exits never varied ({seen}): the test would prove nothing"
 
 
+def test_shallow_deep_extremes_equal_full_model_and_static_exit(trained_longt5):
+    """FREE's parallel decoding on LongT5: a threshold no confidence passes is the full model (HF's
+    generate cannot run an encoder shallower than the decoder: the cache-free reference without
+    exits); one every confidence passes is a static exit at the shallow layer."""
+    model = trained_longt5
+    hf = truncated_twin(model, 4)
+    for input_ids in copy_inputs(8, count=3):
+        update_autoconfig(model.config, AdditionalArguments(use_shallow_deep=True, shallow_exit_layer=2,
+                                                            shallow2deep_conf_type="softmax",
+                                                            shallow2deep_conf_threshold=1.0))
+        full, _ = reference_decode(hf, input_ids, 12, lambda *_: False)
+        assert model.generate(input_ids=input_ids, max_new_tokens=12)[0].tolist() == full
+        update_autoconfig(model.config, AdditionalArguments(static_exit_layer=2))
+        static = model.generate(input_ids=input_ids, max_new_tokens=12)
+        update_autoconfig(model.config, AdditionalArguments(use_shallow_deep=True, shallow_exit_layer=2,
+                                                            shallow2deep_conf_type="softmax",
+                                                            shallow2deep_conf_threshold=0.0))
+        assert torch.equal(model.generate(input_ids=input_ids, max_new_tokens=12), static)
+        assert model.exit_stats()["exit_layer_counts"][1] == model.exit_stats()["tokens"]
+
+
 def test_mt5_mixed_exits_equal_cache_free_reference():
     """mT5's unscaled head inside the confidence (a wrong scale changes which tokens exit)."""
     config = MT5Config(vocab_size=32, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_decoder_layers=4,
