@@ -39,7 +39,6 @@ from models.flops import (
     Shape,
     cross_kv_flops,
     decoder_block_flops,
-    encoder_flops,
     head_flops,
     output_head_flops,
     skipped_block_flops,
@@ -374,7 +373,7 @@ class BatchDecoder:
         for b in range(B):
             flops = FlopCounter(self.shape) if self.count_flops else None
             if flops is not None:
-                flops.encoder += encoder_flops(self.shape, lengths[b])
+                flops.encoder += self.model.encoder_flops(lengths[b])
             self.live.append(RowState(b, start_token, L, lengths[b], flops, self.tracing))
         timer.add("encoder", mark)
         self.cache = KVCache(L, B, self.num_heads, self.max_new_tokens, self.head_dim, self.device, self.dtype)

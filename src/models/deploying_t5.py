@@ -21,6 +21,7 @@ from transformers import T5ForConditionalGeneration
 from models.confidence import build_meta_head
 from models.adaptive_threshold import BetaMixtureThreshold
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
+from models.flops import Shape, encoder_flops
 from models.layer_scorer import LayerScorer
 from models.results import TIMED_COMPONENTS, merge_rows
 from models.shallow_deep import ShallowDeepStep
@@ -152,6 +153,10 @@ class EarlyExitGenerationMixin:
             threshold, observing = self.threshold_estimator.threshold, self.threshold_estimator.collecting
         return ShallowDeepStep(threshold, rollback_threshold=args.rollback_conf_threshold, observing=observing,
                                causal=args.parallel_causal_mask)
+
+    def encoder_flops(self, positions: int) -> int:
+        """FLOPs of the encoder over one row of `positions` tokens (LongT5 counts its own)."""
+        return encoder_flops(Shape.of(self.config), positions)
 
     def exit_stats(self) -> dict:
         """Statistics of the last generate call."""

@@ -128,8 +128,10 @@ def _uses_meta_head(config) -> bool:
     return bool(getattr(config, "train_meta_cm_head", False)) or getattr(config, "exit_conf_type", None) == "meta"
 
 
-class TrainT5ForConditionalGeneration(T5ForConditionalGeneration):
-    """HF's T5 whose `loss` includes the intermediate layers chosen by the config's flags."""
+class EarlyExitTrainingMixin:
+    """The training `loss` with the intermediate layers chosen by the config's flags, over any
+    T5-family class whose decoder is T5's (its hidden states, final norm, LM head). Put it before
+    the HF class: `super().forward` is the HF model's own."""
 
     # our loss is a mean per token: the Trainer must scale it for gradient accumulation itself
     accepts_loss_kwargs = False
@@ -212,6 +214,10 @@ class TrainT5ForConditionalGeneration(T5ForConditionalGeneration):
         return loss
 
 
+class TrainT5ForConditionalGeneration(EarlyExitTrainingMixin, T5ForConditionalGeneration):
+    """HF's T5 whose `loss` includes the intermediate layers chosen by the config's flags."""
+
+
 # ----- LoRA, freezing, saving -----------------------------------------------------------------------
 def linear_module_names(model: nn.Module) -> List[str]:
     """Last name parts of the model's linear layers (what `lora_target_modules` may name)."""
@@ -243,7 +249,7 @@ def freeze_all_but_meta_head(model: nn.Module) -> None:
         parameter.requires_grad = name.startswith("cm_head.")
 
 
-def prepare_for_training(model: TrainT5ForConditionalGeneration):
+def prepare_for_training(model: EarlyExitTrainingMixin):
     """Apply the config's training flags that change which weights learn; return the model to train."""
     args = model.training_args()
     if args.train_meta_cm_head:
@@ -274,9 +280,10 @@ def save_checkpoint(model: nn.Module, tokenizer, path: str) -> nn.Module:
     return model
 
 
-def layer_losses(model: TrainT5ForConditionalGeneration, batch: Dict[str, torch.Tensor]) -> List[float]:
+def layer_losses(model: EarlyExitTrainingMixin, batch: Dict[str, torch.Tensor]) -> List[float]:
     """Cross-entropy of every decoder layer's head on a batch (a diagnostic: which layers have learnt)."""
     with torch.no_grad():
-        out = T5ForConditionalGeneration.forward(model, **batch, output_hidden_states=True, return_dict=True)
+        # the HF model's own forward (its plain loss), whichever T5-family class the model is
+        out = super(EarlyExitTrainingMixin, model).forward(**batch, output_hidden_states=True, return_dict=True)
         L = model.config.num_decoder_layers
         return [float(cross_entropy(model._layer_logits(out, layer), batch["labels"])) for layer in range(1, L + 1)]

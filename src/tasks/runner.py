@@ -22,11 +22,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import transformers
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                          T5ForConditionalGeneration, set_seed)
+from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, LongT5ForConditionalGeneration,
+                          MT5ForConditionalGeneration, Seq2SeqTrainer, T5ForConditionalGeneration, set_seed)
 from transformers.training_args import ParallelMode
 
+from models.deploying_longt5 import DeployLongT5ForConditionalGeneration
+from models.deploying_mt5 import DeployMT5ForConditionalGeneration
 from models.deploying_t5 import DeployT5ForConditionalGeneration
+from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
+from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
@@ -48,11 +52,36 @@ CONFIG_FILE = "run_config.json"
 ALL_RESULTS_FILE = "all_results.json"
 
 
-def model_class(training: bool, deploy: bool):
-    """The model class of each stage, chosen here only."""
+# checkpoint config's model_type -> (training, deploy, plain HF) classes; Flan-T5 is "t5"
+MODEL_CLASSES = {
+    "t5": (TrainT5ForConditionalGeneration, DeployT5ForConditionalGeneration, T5ForConditionalGeneration),
+    "mt5": (TrainMT5ForConditionalGeneration, DeployMT5ForConditionalGeneration, MT5ForConditionalGeneration),
+    "longt5": (TrainLongT5ForConditionalGeneration, DeployLongT5ForConditionalGeneration,
+               LongT5ForConditionalGeneration),
+}
+# T5-family types refused, and why
+UNSUPPORTED_MODEL_TYPES = {
+    "umt5": "UMT5 gives every decoder block its own relative position bias, while the early-exit decoder "
+            "(like T5) computes it in block 0 and shares it",
+}
+
+
+def model_class(training: bool, deploy: bool, model_type: str = "t5"):
+    """The model class of each stage and model type, chosen here only."""
+    check_model_type(model_type, "model_type", model_type)
+    train_class, deploy_class, plain_class = MODEL_CLASSES[model_type]
     if training:
-        return TrainT5ForConditionalGeneration  # adds the intermediate-layer and meta-head losses
-    return DeployT5ForConditionalGeneration if deploy else T5ForConditionalGeneration
+        return train_class  # adds the intermediate-layer and meta-head losses
+    return deploy_class if deploy else plain_class
+
+
+def check_model_type(model_type: str, arg: str, source: str) -> None:
+    if model_type in MODEL_CLASSES:
+        return
+    why = UNSUPPORTED_MODEL_TYPES.get(model_type)
+    reason = f": {why}" if why else ""
+    raise ValueError(f"{arg} {source} is a '{model_type}' model, which these scripts do not support{reason}. "
+                     f"Supported model types: {', '.join(sorted(MODEL_CLASSES))}.")
 
 
 # ----- checks ----------------------------------------------------------------------------------
@@ -136,8 +165,7 @@ def load_config(model_args, tokenizer, additional_args):
         config = AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     except Exception as error:
         raise ValueError(_hub_advice(arg, source, "config", error)) from error
-    if config.model_type != "t5":
-        raise ValueError(f"{arg} {source} is a '{config.model_type}' model; these scripts run T5 models.")
+    check_model_type(config.model_type, arg, source)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}: "
                          "they do not belong together (check --tokenizer_name).")
@@ -168,7 +196,7 @@ def training_features(task, dataset, tokenizer, data_args, num_workers=None):
 # ----- training -------------------------------------------------------------------------------------
 def train(task, model_args, data_args, training_args, config, tokenizer, raw_split) -> dict:
     """Fine-tune, save model and tokenizer to output_dir, return the train_* metrics."""
-    model = model_class(training=True, deploy=False).from_pretrained(
+    model = model_class(training=True, deploy=False, model_type=config.model_type).from_pretrained(
         model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     model = prepare_for_training(model)  # LoRA adapters, or everything but the meta head frozen
     features = training_features(task, raw_split.dataset, tokenizer, data_args, data_args.preprocessing_num_workers)
@@ -180,7 +208,7 @@ def train(task, model_args, data_args, training_args, config, tokenizer, raw_spl
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.model = merged_for_saving(trainer.model)  # LoRA merged: the checkpoint is a plain T5
+    trainer.model = merged_for_saving(trainer.model)  # LoRA merged: the checkpoint is a plain model
     trainer.save_model()  # model, config (with the flags) and tokenizer
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(features)
@@ -242,7 +270,7 @@ def _add_lists(total: List[int], more: List[int]) -> List[int]:
 
 
 def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
-    cls = model_class(training=False, deploy=deploy)
+    cls = model_class(training=False, deploy=deploy, model_type=config.model_type)
     model = cls.from_pretrained(model_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     return model.to(device).eval()
 

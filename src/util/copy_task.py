@@ -27,12 +27,14 @@ def copy_batch(generator: torch.Generator, batch: int, length: int, vocab: int):
     return source, labels
 
 
-def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 5, lengths=None):
+def train_copy_model(config: T5Config, steps: int = 150, seed: int = 0, length: int = 5, lengths=None,
+                     model_class=T5ForConditionalGeneration):
     """Train with the loss of every decoder layer's output (each through the model's own head),
     so that intermediate layers become confident on some tokens and not on others. With
-    `lengths`, the source length cycles through them step by step (outputs of several lengths)."""
+    `lengths`, the source length cycles through them step by step (outputs of several lengths).
+    `model_class`: any T5-family class whose decoder is T5's (LongT5 with a LongT5Config)."""
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config)
+    model = model_class(config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     model.train()
