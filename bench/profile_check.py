@@ -11,10 +11,9 @@ bench_confidence.py's in-loop ratio is the one to quote; this one shows the floo
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common import build_model
-from models.confidence import softmax_confidence_value
+from models.confidence import softmax_confidence_values
 from models.layer_scorer import LayerScorer
 from util.additional_args import AdditionalArguments
 
@@ -36,15 +35,15 @@ def main():
     hidden = torch.randn(1, 1, model.config.d_model)
     rows = {}
     rows["full-head check (start layer)"] = per_call_us(
-        lambda: (scorer.start_token(), scorer.confidence(7, hidden, hidden)), 20)
-    scorer.start_token()
+        lambda: (scorer.start_step(None), scorer.confidence(7, hidden, hidden)), 20)
+    scorer.start_step(None)
     scorer.confidence(7, hidden, hidden)
     rows["reduced check (842 rows)"] = per_call_us(lambda: scorer.confidence(8, hidden, hidden))
     normed = scorer.normed(hidden)
     rows["  of which: final norm and scaling (one rms_norm call)"] = per_call_us(lambda: scorer.normed(hidden))
-    rows["  of which: head over 842 rows"] = per_call_us(lambda: F.linear(normed, scorer.reduced.rows))
-    logits = F.linear(normed, scorer.reduced.rows)
-    rows["  of which: softmax, top-2 and host read"] = per_call_us(lambda: softmax_confidence_value(logits))
+    rows["  of which: head over 842 rows"] = per_call_us(lambda: scorer.reduced.logits(normed, [scorer.reduced.k_start]))
+    logits = scorer.reduced.logits(normed, [scorer.reduced.k_start])
+    rows["  of which: softmax, top-2 and host read"] = per_call_us(lambda: softmax_confidence_values(logits))
     feed_forward = model.decoder.block[3].layer[2]
     rows["feed-forward sub-layer of one block"] = per_call_us(lambda: feed_forward(hidden))
     for name, micros in rows.items():

@@ -10,7 +10,7 @@ from models.confidence import (
     build_meta_head,
     meta_confidence,
     softmax_confidence,
-    softmax_confidence_value,
+    softmax_confidence_values,
     state_confidence,
     top2_gap,
 )
@@ -40,19 +40,21 @@ def test_top2_gap_of_a_single_entry_is_that_entry():
     assert top2_gap(torch.tensor([1.0])).item() == 1.0
 
 
-def test_the_decode_loops_float_softmax_confidence_equals_the_tensor_measure():
-    # the hand-computed cases first: a gap of 0.3, a tie, a certain token, a one-token distribution
-    assert softmax_confidence_value(torch.tensor([[[math.log(6.0), math.log(3.0), 0.0]]])) == pytest.approx(0.3)
-    assert softmax_confidence_value(torch.tensor([2.0, 2.0, -1.0])) == 0.0
-    assert softmax_confidence_value(torch.tensor([0.0, -1e4, -1e4])) == pytest.approx(1.0)
-    assert softmax_confidence_value(torch.tensor([[[3.0]]])) == 1.0
+def test_the_decode_loops_float_softmax_confidences_equal_the_tensor_measure():
+    # the hand-computed cases first: a gap of 0.3, a tie, a certain token, a one-token distribution,
+    # and -inf scores (a row's positions past its own retained size) that take no mass
+    assert softmax_confidence_values(torch.tensor([[math.log(6.0), math.log(3.0), 0.0]])) == pytest.approx([0.3])
+    assert softmax_confidence_values(torch.tensor([[2.0, 2.0, -1.0], [0.0, -1e4, -1e4]])) == pytest.approx([0.0, 1.0])
+    assert softmax_confidence_values(torch.tensor([[3.0]])) == [1.0]
+    assert softmax_confidence_values(torch.tensor([[math.log(6.0), math.log(3.0), 0.0, float("-inf")]])) \
+        == pytest.approx([0.3])
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for _ in range(20):
-            logits = (torch.randn(1, 1, 50, generator=generator) * 3).to(dtype)
-            value = softmax_confidence_value(logits)
-            assert isinstance(value, float)
-            assert value == pytest.approx(softmax_confidence(logits).item(), abs=1e-7)
+        for _ in range(10):
+            logits = (torch.randn(4, 50, generator=generator) * 3).to(dtype)
+            values = softmax_confidence_values(logits)
+            assert all(isinstance(v, float) for v in values)
+            assert values == pytest.approx(softmax_confidence(logits).tolist(), abs=1e-7)
 
 
 @pytest.mark.parametrize("version", [dict(), dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)],

@@ -29,20 +29,6 @@ def softmax_confidence(logits: torch.Tensor) -> torch.Tensor:
     return top2_gap(F.softmax(_wide(logits), dim=-1))
 
 
-def softmax_confidence_value(logits: torch.Tensor) -> float:
-    """softmax_confidence of one token's logits, as a Python float.
-
-    The decode loop's hot path: after a decoder block has streamed its weights through the
-    caches every operation starts cold, so this one uses three (softmax in at least float32,
-    top-2, one host read) where the tensor version needs six.
-    """
-    probs = F.softmax(logits.reshape(-1), dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    if probs.shape[0] < 2:  # a one-token distribution is certain
-        return float(probs[0])
-    first, second = probs.topk(2).values.tolist()
-    return first - second
-
-
 def softmax_confidence_values(logits: torch.Tensor) -> List[float]:
     """softmax_confidence of each row of logits (R, n), as Python floats: the batched hot path
     (softmax in at least float32, top-2, one host read; -inf scores take no mass)."""
