@@ -40,6 +40,15 @@ def test_schedule_matches_the_published_t5_large_values():
     assert schedule(24, 24, 35000, 250, 32128) == 250 + 0 * 1  # floor(35000 / 140) = 250 = k_min
 
 
+def test_schedule_is_exact_where_floating_point_floors_one_too_low():
+    # each quotient is an exact integer: k_max k_min L / (k_min L + (k_max - k_min) i)
+    assert 5000 * 1000 * 12 == 1875 * (1000 * 12 + 4000 * 5)
+    assert schedule(5, 12, 5000, 1000, 32128) == 1875  # the float formula gives 1874
+    assert 8000 * 300 * 7 == 960 * (300 * 7 + 7700 * 2)
+    assert schedule(2, 7, 8000, 300, 32128) == 960  # the float formula gives 959
+    assert schedule(1, 24, 1000, 500, 32128) == 960
+
+
 def test_schedule_is_clipped_to_the_vocabulary_and_floored_at_k_min():
     assert schedule(0, 24, 35000, 250, 32128) == 32128
     assert schedule(1, 4, 35000, 250, 100) == 100
