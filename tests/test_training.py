@@ -261,3 +261,19 @@ def test_meta_head_with_lora_is_refused():
     model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, use_lora=True)
     with pytest.raises(ValueError, match="use_lora"):
         mt.prepare_for_training(model)
+
+
+# ----- one rule for the meta head (issue 13, item 11) -----------------------------------------------
+@pytest.mark.parametrize("flags, has_head", [
+    (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="meta"), True),
+    (dict(use_early_exit=True, exit_conf_type="meta"), True),
+    (dict(output_hidden_states_decoder=True, train_meta_cm_head=True), True),
+    (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax"), False),
+])
+def test_training_and_deploy_models_agree_on_the_meta_head(flags, has_head):
+    from models import deploying_t5
+
+    config = update_autoconfig(copy_config(), AdditionalArguments(**flags))
+    assert hasattr(TrainT5ForConditionalGeneration(config), "cm_head") is has_head
+    assert hasattr(DeployT5ForConditionalGeneration(config), "cm_head") is has_head
+    assert deploying_t5._uses_meta_head is mt.uses_meta_head  # one function, both sides

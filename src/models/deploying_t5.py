@@ -25,16 +25,9 @@ from models.adaptive_threshold import BetaMixtureThreshold
 from models.layer_scorer import LayerScorer
 from models.shallow_deep import ShallowDeepDecoder
 from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
+from util.additional_args import uses_meta_head as _uses_meta_head
 
 TIMED_COMPONENTS = ("encoder", "blocks", "confidence", "head", "propagation")
-
-
-def _uses_meta_head(config) -> bool:
-    return (
-        getattr(config, "exit_conf_type", None) == "meta"
-        or getattr(config, "shallow2deep_conf_type", None) == "meta"
-        or bool(getattr(config, "train_meta_cm_head", False))
-    )
 
 
 class EarlyExitGenerationMixin:

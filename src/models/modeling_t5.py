@@ -44,7 +44,7 @@ from transformers import initialization as init
 
 from models.confidence import build_meta_head
 from models.decode_loop import output_logits
-from util.additional_args import AdditionalArguments
+from util.additional_args import AdditionalArguments, uses_meta_head
 
 IGNORE = -100
 KD_LOSSES = ("shallowdeep_kd_last", "shallowdeep_kd_unif", "shallowdeep_kd_dyna")
@@ -124,10 +124,6 @@ def meta_head_loss(cm_head: nn.Module, normed_states: List[torch.Tensor], logits
 
 
 # ----- the model --------------------------------------------------------------------------------
-def _uses_meta_head(config) -> bool:
-    return bool(getattr(config, "train_meta_cm_head", False)) or getattr(config, "exit_conf_type", None) == "meta"
-
-
 class TrainT5ForConditionalGeneration(T5ForConditionalGeneration):
     """HF's T5 whose `loss` includes the intermediate layers chosen by the config's flags."""
 
@@ -136,7 +132,7 @@ class TrainT5ForConditionalGeneration(T5ForConditionalGeneration):
 
     def __init__(self, config):
         super().__init__(config)
-        if _uses_meta_head(config):
+        if uses_meta_head(config):
             self.cm_head = build_meta_head(config.d_model)
         if getattr(config, "do_layer_transformation", False):
             self.layer_transformation = nn.Linear(config.d_model, config.d_model, bias=False)

@@ -243,6 +243,16 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
 
 
+def uses_meta_head(config) -> bool:
+    """Whether a model with these flags (a config or AdditionalArguments) carries the meta head:
+    the one rule both the training and the deploy model build it by."""
+    return (
+        getattr(config, "exit_conf_type", None) == "meta"
+        or getattr(config, "shallow2deep_conf_type", None) == "meta"
+        or bool(getattr(config, "train_meta_cm_head", False))
+    )
+
+
 def uses_parallel_decoding(args) -> bool:
     """FREE fills skipped tokens' deep states by a parallel pass, unless told to copy them."""
     return args.parallel_gen_token and not args.copy_skipped_hidden_states
