@@ -191,6 +191,9 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             raise ValueError("use_early_exit and use_shallow_deep are exclusive: choose one exit policy.")
     elif args.exit_min_layer is not None or args.exit_position_temp is not None:
         raise ValueError("exit_min_layer and exit_position_temp only act with use_early_exit=True.")
+    elif args.exit_conf_type is not None:
+        raise ValueError(f"exit_conf_type={args.exit_conf_type!r} only acts with use_early_exit=True "
+                         "(shallow-deep decoding reads shallow2deep_conf_type).")
     if args.static_exit_layer is not None and (args.use_early_exit or args.use_shallow_deep):
         raise ValueError("static_exit_layer cannot be combined with use_early_exit or use_shallow_deep.")
     if args.use_shallow_deep:
@@ -229,18 +232,35 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
     if args.type_vocab_reduct is not None:
         if args.type_vocab_reduct not in VOCAB_REDUCTION_TYPES:
             raise ValueError(f"type_vocab_reduct={args.type_vocab_reduct!r} is unknown; allowed values: {', '.join(VOCAB_REDUCTION_TYPES)}.")
-        if not (args.use_early_exit or args.use_shallow_deep):
-            raise ValueError("type_vocab_reduct needs a confidence-based exit: set use_early_exit or use_shallow_deep.")
-    if args.render_jsds and "JSD_contrastive_confidence" not in (args.exit_conf_type, args.shallow2deep_conf_type):
-        raise ValueError("render_jsds records the JSD measure: set exit_conf_type=JSD_contrastive_confidence.")
+        if args.use_shallow_deep:
+            # shallow-deep checks one layer, k, which is also the start layer: its head is the full one
+            raise ValueError("type_vocab_reduct has no effect with use_shallow_deep: its only check, at "
+                             "shallow_exit_layer, is the start layer, where the full head is computed.")
+        if not args.use_early_exit:
+            raise ValueError("type_vocab_reduct needs early exit: set use_early_exit.")
+    active = active_conf_type(args)
+    if args.render_jsds and active != "JSD_contrastive_confidence":
+        raise ValueError(f"render_jsds records the JSD measure, but the active confidence measure is {active!r}: "
+                         "set exit_conf_type (with use_early_exit) or shallow2deep_conf_type (with use_shallow_deep) "
+                         "to JSD_contrastive_confidence.")
     if args.vocab_rerank and args.type_vocab_reduct is None:
         raise ValueError("vocab_rerank re-ranks a reduced vocabulary: set type_vocab_reduct too.")
-    if args.emit_contrastive_token and not any(
-            t in SMALLEST_CHECKED_LAYER for t in (args.exit_conf_type, args.shallow2deep_conf_type)):
-        raise ValueError("emit_contrastive_token needs a contrastive exit_conf_type.")
+    if args.emit_contrastive_token and active not in SMALLEST_CHECKED_LAYER:
+        raise ValueError(f"emit_contrastive_token needs a contrastive measure as the active one (exit_conf_type with "
+                         f"use_early_exit, or shallow2deep_conf_type with use_shallow_deep); it is {active!r}.")
     for name, is_on in _NOT_IMPLEMENTED.items():
         if is_on(args):
             raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
+
+
+def active_conf_type(args) -> Optional[str]:
+    """The confidence measure the decoder will compute: exit_conf_type under early exit,
+    shallow2deep_conf_type under shallow-deep, None otherwise."""
+    if args.use_early_exit:
+        return args.exit_conf_type
+    if args.use_shallow_deep:
+        return args.shallow2deep_conf_type
+    return None
 
 
 def uses_meta_head(config) -> bool:
