@@ -33,6 +33,9 @@ INTERMEDIATE_LOSSES = (
     "shallowdeep_kd_last",
     "shallowdeep_kd_unif",
     "shallowdeep_kd_dyna",
+    "shallowdeep_kl_last",
+    "shallowdeep_kl_unif",
+    "shallowdeep_kl_dyna",
 )
 
 
@@ -51,8 +54,8 @@ class AdditionalArguments:
     # training intermediate layers
     output_hidden_states_decoder: bool = _flag(False, "Output every decoder layer's hidden state, to train intermediate exits.")
     intermediate_loss_fn: Optional[str] = _flag(None, f"Loss on intermediate layers: one of {', '.join(INTERMEDIATE_LOSSES)}.")
-    distill_layer_alpha: Optional[float] = _flag(None, "Interpolation between cross-entropy and KL distillation, in [0, 1].")
-    do_layer_transformation: bool = _flag(False, "Transform the shallow decoder's hidden states before distillation.")
+    distill_layer_alpha: Optional[float] = _flag(None, "Weight of distillation, in [0, 1]: CE + alpha KD (shallowdeep_kd_*), (1 - alpha) CE + alpha KL (shallowdeep_kl_*).")
+    do_layer_transformation: bool = _flag(False, "A learnt map T on the shallow decoder's (student) hidden states in the distillation term.")
 
     # static exit
     static_exit_layer: Optional[int] = _flag(None, "Every token leaves after this decoder block (1..L).")
@@ -152,12 +155,12 @@ def _check_intermediate_loss(args) -> None:
     name = args.intermediate_loss_fn
     if name.startswith("shallowdeep") and args.shallow_exit_layer is None:
         raise ValueError(f"intermediate_loss_fn={name!r} needs shallow_exit_layer (1..L-1).")
-    distils = name.startswith("shallowdeep_kd")
+    distils = name.startswith(("shallowdeep_kd", "shallowdeep_kl"))
     if distils and args.distill_layer_alpha is None:
         raise ValueError(f"intermediate_loss_fn={name!r} needs distill_layer_alpha in [0, 1].")
     if not distils and (args.distill_layer_alpha is not None or args.do_layer_transformation):
-        raise ValueError(f"distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* "
-                         f"intermediate_loss_fn, not {name!r}.")
+        raise ValueError(f"distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* or "
+                         f"shallowdeep_kl_* intermediate_loss_fn, not {name!r}.")
 
 
 def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int) -> None:
@@ -223,7 +226,8 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             raise ValueError("intermediate_loss_fn needs output_hidden_states_decoder=True.")
         _check_intermediate_loss(args)
     elif args.distill_layer_alpha is not None or args.do_layer_transformation:
-        raise ValueError("distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* intermediate_loss_fn.")
+        raise ValueError("distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* or "
+                         "shallowdeep_kl_* intermediate_loss_fn.")
     if args.train_meta_cm_head:
         if not args.output_hidden_states_decoder:
             raise ValueError("train_meta_cm_head needs output_hidden_states_decoder=True.")
