@@ -306,6 +306,19 @@ def test_meta_head_loss_matches_its_definition():
     assert float(model(**inputs).loss) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_meta_head_labels_come_from_the_backbone_without_dropout():
+    """The Trainer calls the model in train mode: the frozen backbone must still run without dropout."""
+    config = update_autoconfig(copy_config(dropout_rate=0.5),
+                               AdditionalArguments(output_hidden_states_decoder=True, train_meta_cm_head=True))
+    torch.manual_seed(6)
+    model = mt.prepare_for_training(TrainT5ForConditionalGeneration(config))
+    inputs = batch()
+    expected = float(model.eval()(**inputs).loss)  # eval mode: no dropout anywhere
+    model.train()
+    assert [float(model(**inputs).loss) for _ in range(3)] == [pytest.approx(expected, rel=1e-6)] * 3
+    assert model.training and model.decoder.training  # its mode is given back
+
+
 # ----- LoRA ----------------------------------------------------------------------------------------
 def test_lora_merged_equals_unmerged_and_trains_only_adapters():
     model = mt.prepare_for_training(train_model(use_lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0))

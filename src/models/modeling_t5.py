@@ -38,7 +38,8 @@ Losses (`intermediate_loss_fn`); CE_l is the token-mean cross-entropy of layer l
   With `do_layer_transformation`, KD uses softmax(z(T h_k)); the CE term, and so decoding, keep
   the plain head on h_k, which the deploy model computes.
 
-Meta head (`train_meta_cm_head`): the rest of the model is frozen; for every layer l in 1..L-1 and
+Meta head (`train_meta_cm_head`): the rest of the model is frozen and run in eval mode (no
+dropout, as at decoding, even while the Trainer has the model in train mode); for every layer l in 1..L-1 and
 every target token, label = 1 when argmax z_l equals argmax z_L, else 0; the head sees
 norm(h_l) (as `meta_confidence` does at decoding). The loss is class-balanced: the mean over
 the classes present of each class's mean cross-entropy, so the frequent class does not dominate.
@@ -221,8 +222,15 @@ class TrainT5ForConditionalGeneration(T5ForConditionalGeneration):
         kwargs["output_hidden_states"] = True
         kwargs["return_dict"] = True
         if args.train_meta_cm_head:
-            with torch.no_grad():  # the model is frozen: only the meta head learns
-                out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            # the model is frozen: only the meta head learns. Its inputs and labels (agreement with
+            # the last layer) come from the backbone in eval mode, as at decoding: no dropout.
+            was_training = self.training
+            self.train(False)
+            try:
+                with torch.no_grad():
+                    out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            finally:
+                self.train(was_training)
             out.loss = self._meta_loss(out, labels)
         else:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
