@@ -30,7 +30,7 @@ from models.deploying_t5 import DeployT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
-from tasks.diagnostics import static_exit_metrics, write_diagnostics
+from tasks.diagnostics import check_plots_dirs, static_exit_metrics, write_diagnostics
 from util.additional_args import update_autoconfig
 
 logger = logging.getLogger(__name__)
@@ -363,6 +363,9 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     # under torchrun / accelerate launch, process 0 alone checks and writes output_dir and evaluates
     main_process = training_args.process_index == 0
     check_output_dir(output_dir, data_args.overwrite_output_dir or not main_process)
+    if additional_args.plotting_logits or additional_args.render_jsds:
+        check_plots_dirs(output_dir, [SPLIT_PREFIX[s] for s in splits if s != "train"],
+                         data_args.overwrite_output_dir or not main_process)
     tokenizer = load_tokenizer(model_args)
     config = load_config(model_args, tokenizer, additional_args)
     raw = load_raw_splits(data_args, splits, model_args.cache_dir)
