@@ -339,9 +339,14 @@ def prepare_for_training(model: TrainT5ForConditionalGeneration):
 
 
 def merged_for_saving(model: nn.Module) -> nn.Module:
-    """The plain model to save or evaluate: LoRA adapters merged into the weights."""
+    """The plain model to save or evaluate: LoRA adapters merged into the weights, and the KV cache
+    switched back on in its config and generation config (training turns it off; a checkpoint that
+    kept it off would silently slow HF generate, and disable early exit under FREE's code)."""
     if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     return model
 
 
