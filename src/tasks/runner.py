@@ -35,7 +35,7 @@ from util.additional_args import update_autoconfig
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
+TOKENIZER_PROBE = "The river flows past the mill."
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 SUMMED_COUNTS = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
 # flags that change how tokens are decoded: only the deploy decoder honours them
@@ -113,13 +113,16 @@ def _hub_advice(arg: str, source: str, what: str, error: Exception) -> str:
 def load_tokenizer(model_args):
     arg = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     source = model_args.tokenizer_name or model_args.model_name_or_path
-    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
-        raise ValueError(f"{arg} {source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the model's "
-                         "tokenizer files there or pass --tokenizer_name with a directory that has them.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     except Exception as error:  # transformers raises OSError, ValueError or Hub errors alike
         raise ValueError(_hub_advice(arg, source, "tokenizer", error)) from error
+    # decided by what loaded, not by file names (ByT5 saves no vocabulary file): a folder with a
+    # T5 config but no tokenizer files loads an empty T5 tokenizer that knows no word
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if not tokenizer.decode([i for i in ids if i != tokenizer.unk_token_id], skip_special_tokens=True).strip():
+        raise ValueError(f"{arg} {source} holds no tokenizer (the one it loads knows no word of {TOKENIZER_PROBE!r}): "
+                         "copy the model's tokenizer files there or pass --tokenizer_name with a directory that has them.")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
     return tokenizer
