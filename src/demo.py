@@ -33,6 +33,7 @@ from tasks.adapters import QuestionAnswering  # noqa: E402
 from tasks.data import flatten_squad  # noqa: E402
 from util.demo_data import generate_squad, write_squad  # noqa: E402
 from util.toy_models import build_toy_t5, train_toy_tokenizer  # noqa: E402
+from util.cli import run_entry_point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EARLY = {"use_early_exit": True, "exit_conf_type": "softmax", "exit_conf_threshold": 0.9}
@@ -278,4 +279,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -8,6 +8,7 @@ See scripts/ for complete runs and README.md ("Tasks, scripts and data") for the
 
 from tasks.adapters import QuestionAnswering
 from tasks.runner import main
+from util.cli import run_entry_point
 
 if __name__ == "__main__":
-    main(QuestionAnswering())
+    run_entry_point(main, QuestionAnswering())

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tasks import runner  # noqa: E402
 from tasks.adapters import QuestionAnswering, Summarization, Translation  # noqa: E402
 from util.pareto import write_pareto_report  # noqa: E402
+from util.cli import run_entry_point  # noqa: E402
 
 TASKS = {"qa": QuestionAnswering, "summarization": Summarization, "translation": Translation}
 COSTS = ("block_avg", "flops", "wall_time")
@@ -130,4 +131,4 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
