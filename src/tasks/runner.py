@@ -274,11 +274,23 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
     return texts, lengths, (exits if stats is not None else None)
 
 
+def new_token_budget(task, data_args, training_args) -> int:
+    """Tokens to generate: the generated length itself (max_new_tokens), or one less with
+    --length_counts_start_token (HF's max_length, which FREE's QA evaluation passes)."""
+    length = training_args.generation_max_length or task.lengths(data_args)[2]
+    if not data_args.length_counts_start_token:
+        return length
+    if length < 2:
+        raise ValueError(f"--length_counts_start_token: a generated length of {length} counting the start token "
+                         "leaves no token to generate; give at least 2.")
+    return length - 1
+
+
 def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, data_args, training_args,
                    additional_args, stats: Optional[ExitStatsTotals] = None) -> Tuple[dict, List[dict]]:
     """Metrics (without prefix) and prediction records of one split (exit statistics into `stats`)."""
     deploy = additional_args.deploy_scenario
-    source_length, _, generated_length = task.lengths(data_args)
+    source_length = task.lengths(data_args)[0]
     rows = list(raw_split.dataset)
     sources = [task.source_text(r, data_args) for r in rows]
     if deploy and stats is None:
@@ -286,7 +298,7 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     began = time.perf_counter()
     texts, lengths, exits = generate_predictions(
         model, tokenizer, sources, source_length,
-        max_new_tokens=training_args.generation_max_length or generated_length,
+        max_new_tokens=new_token_budget(task, data_args, training_args),
         num_beams=training_args.generation_num_beams or 1,
         batch_size=1 if deploy else training_args.per_device_eval_batch_size,
         stats=stats,
@@ -362,6 +374,7 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     check_run_arguments(training_args, additional_args)
     splits = wanted_splits(training_args)
     check_data_arguments(data_args, splits)
+    new_token_budget(task, data_args, training_args)  # a length that leaves nothing to generate fails here
     output_dir = training_args.output_dir
     # under torchrun / accelerate launch, process 0 alone checks and writes output_dir and evaluates
     main_process = training_args.process_index == 0
