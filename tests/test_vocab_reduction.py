@@ -11,6 +11,7 @@ from engine_helpers import (
 from models import flops as F
 from models.layer_scorer import LayerScorer
 from models.vocab_reduction import ReducedHead, adaptive_size, schedule
+from reduction_helpers import RetainedSetCheck
 
 MODES = ("fixed", "decaying", "adaptive")
 
@@ -98,21 +99,13 @@ def test_reduction_to_the_whole_vocabulary_changes_nothing(copy_model, mode, con
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rerank", [False, True])
-def test_every_emitted_token_comes_from_the_retained_set(copy_model, monkeypatch, mode, rerank):
-    emitted_from_retained = []
-    original = LayerScorer.predict
-
-    def checked_predict(self, layer, hidden):
-        token = original(self, layer, hidden)
-        if self.token_ids is not None:  # exits after the start layer score the retained set only
-            emitted_from_retained.append(int(token) in self.reduced.token_ids.tolist())
-            assert self.logits.shape[-1] <= self.reduced.k_start
-        return token
-
-    monkeypatch.setattr(LayerScorer, "predict", checked_predict)
+def test_every_reduced_prediction_equals_an_independent_recomputation(copy_model, monkeypatch, mode, rerank):
+    """Each token exiting after its start layer is the argmax, over the prefix its mode keeps of the
+    start layer's top-k(r) (recomputed from the hidden states), of its exit layer's logits."""
+    check = RetainedSetCheck(monkeypatch, copy_model, mode, rerank, k_max=8, k_min=3)
     decode_all(copy_model, copy_inputs(2), use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.5,
                type_vocab_reduct=mode, vocab_k_max=8, vocab_k_min=3, vocab_rerank=rerank)
-    assert emitted_from_retained and all(emitted_from_retained)
+    assert check.checked > 0  # some tokens did exit after the start layer
 
 
 @pytest.mark.parametrize("threshold, retained_per_token", [(0.0, 0), (1.0, 1)])
