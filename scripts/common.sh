@@ -33,6 +33,15 @@ else
   DATA=("${HUB_DATA[@]}")
 fi
 
+# the decoding method's arguments, before any work: an unknown METHOD stops here (status 2)
+# The methods are the table in src/util/methods.py (full, static, softmax, meta, state, decay,
+# vocab_fixed, vocab_decaying, vocab_adaptive, vocab_decaying_rerank, contrastive, reweight, jsd,
+# shallow_deep, shallow_deep_adaptive), which prints the arguments of METHOD.
+METHOD_LINES=$("$PYTHON" src/util/methods.py "$METHOD" --threshold "$THRESHOLD" --min_layer "$MIN_LAYER" \
+  --static_layer "$STATIC_LAYER" --shallow_layer "$SHALLOW_LAYER")
+METHOD_ARGS=()
+if [ -n "$METHOD_LINES" ]; then mapfile -t METHOD_ARGS <<< "$METHOD_LINES"; fi
+
 # ----- training -----------------------------------------------------------------------------------
 # Training objective: pick one.
 TRAIN_METHOD=()                                                                                  # full model: last layer only
@@ -54,24 +63,6 @@ fi
 
 # ----- evaluation ---------------------------------------------------------------------------------
 # Decoding methods: every one runs in the deploy scenario (batch size 1, speed and exit statistics).
-EARLY=(--use_early_exit True --exit_conf_threshold "$THRESHOLD")
-case "$METHOD" in
-  full)     METHOD_ARGS=() ;;                                                                     # all decoder blocks
-  static)   METHOD_ARGS=(--static_exit_layer "$STATIC_LAYER") ;;                                  # static exit
-  softmax)  METHOD_ARGS=("${EARLY[@]}" --exit_conf_type softmax --exit_min_layer "$MIN_LAYER") ;;
-  meta)     METHOD_ARGS=("${EARLY[@]}" --exit_conf_type meta --exit_min_layer "$MIN_LAYER") ;;    # needs a trained meta head
-  state)    METHOD_ARGS=("${EARLY[@]}" --exit_conf_type state --exit_min_layer "$MIN_LAYER") ;;
-  decay)    METHOD_ARGS=("${EARLY[@]}" --exit_conf_type softmax --exit_position_temp 4) ;;        # position-decaying threshold
-  vocab_fixed)    METHOD_ARGS=("${EARLY[@]}" --exit_conf_type softmax --exit_min_layer "$MIN_LAYER" --type_vocab_reduct fixed) ;;
-  vocab_decaying) METHOD_ARGS=("${EARLY[@]}" --exit_conf_type softmax --exit_min_layer "$MIN_LAYER" --type_vocab_reduct decaying) ;;
-  vocab_adaptive) METHOD_ARGS=("${EARLY[@]}" --exit_conf_type softmax --exit_min_layer "$MIN_LAYER" --type_vocab_reduct adaptive) ;;
-  contrastive)    METHOD_ARGS=("${EARLY[@]}" --exit_conf_type contrastive_decoding --exit_min_layer "$MIN_LAYER") ;;
-  reweight)       METHOD_ARGS=("${EARLY[@]}" --exit_conf_type reweight_contrastive_decoding --exit_min_layer "$MIN_LAYER") ;;
-  jsd)            METHOD_ARGS=("${EARLY[@]}" --exit_conf_type JSD_contrastive_confidence --exit_min_layer "$MIN_LAYER") ;;
-  shallow_deep)   METHOD_ARGS=(--use_shallow_deep True --shallow_exit_layer "$SHALLOW_LAYER" --shallow2deep_conf_type softmax --shallow2deep_conf_threshold "$THRESHOLD") ;;  # FREE
-  shallow_deep_adaptive) METHOD_ARGS=(--use_shallow_deep True --shallow_exit_layer "$SHALLOW_LAYER" --shallow2deep_conf_type softmax --use_adapt_threshold True) ;;
-  *) echo "unknown METHOD=$METHOD (full, static, softmax, meta, state, decay, vocab_fixed, vocab_decaying, vocab_adaptive, contrastive, reweight, jsd, shallow_deep, shallow_deep_adaptive)" >&2; exit 2 ;;
-esac
 # METHOD_ARGS+=(--count_flops True)        # FLOPs of blocks, confidence and encoder
 # METHOD_ARGS+=(--plotting_logits True)    # per-layer ranks, confidence and agreement plots
 if [ "$DO_EVAL" = true ]; then

@@ -6,8 +6,8 @@
 2. Trains a BPE tokenizer and a small T5 (6 decoder blocks) with `weighted_ce` on every decoder
    layer, through the task script's own training (`run_question_answering.py --do_train`), and
    caches it in cache/demo_model/ (a later run with the same settings reuses it).
-3. Evaluates it with `run_question_answering.py --deploy_scenario True` under each method of
-   METHODS, with FLOPs counted.
+3. Evaluates it with `run_question_answering.py --deploy_scenario True` under each row of
+   DEMO_ROWS (methods of the table in util/methods.py), with FLOPs counted.
 4. Prints one comparison table and saves it as JSON and Markdown under outputs/demo/.
 """
 
@@ -32,32 +32,32 @@ from tasks import runner  # noqa: E402
 from tasks.adapters import QuestionAnswering  # noqa: E402
 from tasks.data import flatten_squad  # noqa: E402
 from util.demo_data import generate_squad, write_squad  # noqa: E402
+from util.methods import method_flags  # noqa: E402
 from util.toy_models import build_toy_t5, train_toy_tokenizer  # noqa: E402
+from util.cli import run_entry_point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-EARLY = {"use_early_exit": True, "exit_conf_type": "softmax", "exit_conf_threshold": 0.9}
-
-# (name, decoding flags): one row of the table each. Add a row to compare another method.
-METHODS = [
-    ("full model", {}),
-    ("static exit, layer 3", {"static_exit_layer": 3}),
-    ("early exit, softmax 0.9", EARLY),
-    ("early exit, softmax 0.8", {**EARLY, "exit_conf_threshold": 0.8}),
-    ("early exit, state 0.99", {**EARLY, "exit_conf_type": "state", "exit_conf_threshold": 0.99}),
-    ("softmax 0.9, fixed vocabulary", {**EARLY, "type_vocab_reduct": "fixed"}),
-    ("softmax 0.9, decaying vocabulary", {**EARLY, "type_vocab_reduct": "decaying"}),
-    ("softmax 0.9, adaptive vocabulary", {**EARLY, "type_vocab_reduct": "adaptive"}),
-    ("contrastive decoding 0.9", {**EARLY, "exit_conf_type": "contrastive_decoding", "exit_min_layer": 2}),
-    ("reweighted contrastive 0.9", {**EARLY, "exit_conf_type": "reweight_contrastive_decoding", "exit_min_layer": 2}),
-    ("JSD contrastive 0.9", {**EARLY, "exit_conf_type": "JSD_contrastive_confidence", "exit_min_layer": 3}),
-    ("softmax 0.9, decaying + re-ranking", {**EARLY, "type_vocab_reduct": "decaying", "vocab_rerank": True}),
-    ("FREE shallow-deep, layer 2, softmax 0.9", {"use_shallow_deep": True, "shallow_exit_layer": 2,
-                                                 "shallow2deep_conf_type": "softmax",
-                                                 "shallow2deep_conf_threshold": 0.9}),
+# (row, METHOD of the table in util/methods.py, its parameters, extra flags): one row of the
+# table each. Add a row to compare another method.
+DEMO_ROWS = [
+    ("full model", "full", {}, {}),
+    ("static exit, layer 3", "static", {"static_layer": 3}, {}),
+    ("early exit, softmax 0.9", "softmax", {}, {}),
+    ("early exit, softmax 0.8", "softmax", {"threshold": 0.8}, {}),
+    ("early exit, state 0.99", "state", {"threshold": 0.99}, {}),
+    ("softmax 0.9, fixed vocabulary", "vocab_fixed", {}, {}),
+    ("softmax 0.9, decaying vocabulary", "vocab_decaying", {}, {}),
+    ("softmax 0.9, adaptive vocabulary", "vocab_adaptive", {}, {}),
+    ("contrastive decoding 0.9", "contrastive", {"min_layer": 2}, {}),
+    ("reweighted contrastive 0.9", "reweight", {"min_layer": 2}, {}),
+    ("JSD contrastive 0.9", "jsd", {"min_layer": 3}, {}),
+    ("softmax 0.9, decaying + re-ranking", "vocab_decaying_rerank", {}, {}),
+    ("FREE shallow-deep, layer 2, softmax 0.9", "shallow_deep", {"shallow_layer": 2}, {}),
     # traces every layer (outputs are the full model's) and draws the plots under plots/diagnostics/
-    ("diagnostics", {**EARLY, "exit_conf_type": "JSD_contrastive_confidence", "exit_min_layer": 3,
-                     "plotting_logits": True, "render_jsds": True}),
+    ("diagnostics", "jsd", {"min_layer": 3}, {"plotting_logits": True, "render_jsds": True}),
 ]
+METHODS = [(row, {**method_flags(name, **parameters), **extra}) for row, name, parameters, extra in DEMO_ROWS]
+EARLY = method_flags("softmax")  # early exit, softmax 0.9 from layer 1
 TABLE_COLUMNS = (("F1", "eval_f1", "{:.1f}"), ("EM", "eval_exact_match", "{:.1f}"),
                  ("block_avg", "eval_block_avg", "{:.2f}"),
                  ("conf. MFLOPs/sample", "eval_flops_confidence_per_sample", "{:.2f}"),
@@ -278,4 +278,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -27,12 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tasks import runner  # noqa: E402
 from tasks.adapters import QuestionAnswering, Summarization, Translation  # noqa: E402
+from util import methods  # noqa: E402
 from util.pareto import write_pareto_report  # noqa: E402
+from util.cli import run_entry_point  # noqa: E402
 
 TASKS = {"qa": QuestionAnswering, "summarization": Summarization, "translation": Translation}
 COSTS = ("block_avg", "flops", "wall_time")
-# "+rerank": progressive pruning, the retained set re-ranked by each layer's own scores
-REDUCTIONS = ("none", "fixed", "decaying", "adaptive", "decaying+rerank", "adaptive+rerank")
+REDUCTIONS = tuple(methods.REDUCTIONS)  # the table's: "+rerank" is progressive pruning
 
 
 def _floats(text: str) -> List[float]:
@@ -74,17 +75,13 @@ def parse(argv: Optional[List[str]] = None):
 
 def grid(args) -> Dict[str, List[str]]:
     """Cell name -> the method flags of that cell, reference cells first."""
-    cells = {"full": []}
+    cells = {"full": methods.to_argv(methods.method_flags("full"))}
     for layer in args.static_layers:
-        cells[f"static-{layer}"] = ["--static_exit_layer", str(layer)]
+        cells[f"static-{layer}"] = methods.to_argv(methods.method_flags("static", static_layer=layer))
     for conf, threshold, reduction, layer in itertools.product(
             args.conf_types.split(","), args.thresholds, args.reductions.split(","), args.min_layers):
-        flags = ["--use_early_exit", "True", "--exit_conf_type", conf, "--exit_conf_threshold", str(threshold),
-                 "--exit_min_layer", str(layer)]
-        if reduction != "none":
-            mode, _, rerank = reduction.partition("+")
-            flags += ["--type_vocab_reduct", mode] + (["--vocab_rerank", "True"] if rerank else [])
-        cells[f"{conf}-t{threshold}-{reduction}-m{layer}"] = flags
+        flags = methods.early_exit(conf, threshold, layer, reduction)
+        cells[f"{conf}-t{threshold}-{reduction}-m{layer}"] = methods.to_argv(flags)
     return cells
 
 
@@ -137,4 +134,4 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

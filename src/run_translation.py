@@ -3,11 +3,12 @@
     python src/run_translation.py --model_name_or_path MODEL --output_dir DIR --do_eval ...
     python src/run_translation.py args.json
 
-See scripts/ for complete runs and docs/tasks_readme_section.md for the options.
+See scripts/ for complete runs and README.md ("Tasks, scripts and data") for the options.
 """
 
 from tasks.adapters import Translation
 from tasks.runner import main
+from util.cli import run_entry_point
 
 if __name__ == "__main__":
-    main(Translation())
+    run_entry_point(main, Translation())

@@ -70,6 +70,20 @@ def test_the_forks_final_flops_flag_switches_flop_counting_on():
         (dict(cd_alpha=1.5), ["cd_alpha"]),
         (dict(lora_dropout=1.0), ["lora_dropout"]),
         (dict(lora_rank=0), ["lora_rank"]),
+        # flags that would be silently ignored (issue 13, item 6)
+        (dict(exit_conf_type="softmax"), ["exit_conf_type", "use_early_exit"]),
+        (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax", exit_conf_type="softmax"),
+         ["exit_conf_type", "use_early_exit"]),
+        (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax", type_vocab_reduct="fixed"),
+         ["type_vocab_reduct", "use_shallow_deep"]),
+        (dict(use_early_exit=True, exit_conf_type="softmax", shallow2deep_conf_type="contrastive_decoding",
+              emit_contrastive_token=True), ["emit_contrastive_token", "'softmax'"]),
+        (dict(shallow2deep_conf_type="reweight_contrastive_decoding", emit_contrastive_token=True),
+         ["emit_contrastive_token", "None"]),
+        (dict(use_early_exit=True, exit_conf_type="softmax", exit_min_layer=3,
+              shallow2deep_conf_type="JSD_contrastive_confidence", render_jsds=True), ["render_jsds", "'softmax'"]),
+        (dict(use_early_exit=True, exit_conf_type="contrastive_decoding", exit_min_layer=3, render_jsds=True),
+         ["render_jsds", "'contrastive_decoding'"]),
     ],
 )
 def test_invalid_flags_raise_a_clear_error(flags, names):
@@ -77,6 +91,16 @@ def test_invalid_flags_raise_a_clear_error(flags, names):
         configure(**flags)
     for name in names:
         assert name in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [
+    dict(use_shallow_deep=True, shallow_exit_layer=3, shallow2deep_conf_type="JSD_contrastive_confidence",
+         render_jsds=True, emit_contrastive_token=True),
+    dict(use_early_exit=True, exit_conf_type="reweight_contrastive_decoding", exit_min_layer=2, emit_contrastive_token=True),
+    dict(use_early_exit=True, exit_conf_type="softmax", type_vocab_reduct="fixed"),
+])
+def test_flags_that_act_are_accepted(flags):
+    configure(**flags)
 
 
 def test_features_not_built_yet_are_rejected_not_ignored(monkeypatch):
@@ -108,3 +132,16 @@ def test_generate_rejects_what_it_does_not_do(kwargs, message):
     model = DeployT5ForConditionalGeneration(tiny_config()).eval()
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=torch.tensor([[3, 4]]), **kwargs)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax", use_adapt_threshold=True,
+          plotting_logits=True), "use_adapt_threshold cannot be combined with plotting_logits"),
+    (dict(use_early_exit=True, exit_conf_type="meta", type_vocab_reduct="fixed", vocab_rerank=True),
+     "vocab_rerank re-orders"),
+    (dict(use_early_exit=True, exit_conf_type="state", type_vocab_reduct="adaptive", vocab_rerank=True),
+     "'state' measure never computes"),
+])
+def test_combinations_the_batched_loop_cannot_honour_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        update_autoconfig(tiny_config(num_layers=4), AdditionalArguments(**flags))

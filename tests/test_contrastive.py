@@ -219,12 +219,22 @@ def test_contrastive_measures_under_whole_vocabulary_reduction_change_nothing(co
     assert reduced == plain
 
 
-def test_contrastive_measures_run_with_a_small_retained_set(copy_model):
-    set_flags(copy_model, use_early_exit=True, exit_conf_type="JSD_contrastive_confidence", exit_conf_threshold=0.5,
-              exit_min_layer=3, type_vocab_reduct="decaying", vocab_k_max=12, vocab_k_min=4, count_flops=True)
-    out = copy_model.generate(input_ids=copy_inputs(9, count=1)[0], max_new_tokens=10)
-    stats = copy_model.exit_stats()
-    assert out.shape[1] > 1 and stats["flops_confidence"] > 0
+@pytest.mark.parametrize("kind, min_layer", [("contrastive_decoding", 2), ("reweight_contrastive_decoding", 2),
+                                             ("JSD_contrastive_confidence", 3)])
+@pytest.mark.parametrize("mode", ["fixed", "decaying", "adaptive"])
+def test_contrastive_predictions_from_a_small_retained_set_equal_an_independent_recomputation(
+        copy_model, monkeypatch, kind, min_layer, mode):
+    """The start layer (min_layer) scores the full head; a token exiting at a later layer is the
+    argmax of that layer's logits over the prefix its mode keeps of the start layer's top-k,
+    recomputed by hand from the hidden states."""
+    from reduction_helpers import RetainedSetCheck
+
+    check = RetainedSetCheck(monkeypatch, copy_model, mode, False, k_max=12, k_min=4)
+    set_flags(copy_model, use_early_exit=True, exit_conf_type=kind, exit_conf_threshold=0.3, exit_min_layer=min_layer,
+              type_vocab_reduct=mode, vocab_k_max=12, vocab_k_min=4)
+    for input_ids in copy_inputs(9, count=3):
+        copy_model.generate(input_ids=input_ids, max_new_tokens=10)
+    assert check.checked > 0  # tokens did exit at a reduced layer
 
 
 def test_render_jsds_records_every_candidate_and_the_chosen_amateur(copy_model):

@@ -145,11 +145,42 @@ def test_non_causal_parallel_mask_runs_and_all_deep_still_equals_the_full_model(
 # ----- the adaptive threshold ----------------------------------------------------------------------
 
 
+def posterior_root(agree, disagree, prior, level, low, high):
+    """The confidence in (low, high) where P(agree | c) crosses `level`, by scipy's root finder
+    on scipy's Beta densities (independent of the estimator's grid and log-densities)."""
+    from scipy.optimize import brentq
+    from scipy.stats import beta
+
+    def excess(c):
+        a, d = prior * beta.pdf(c, *agree), (1 - prior) * beta.pdf(c, *disagree)
+        return a / (a + d) - level
+    return brentq(excess, low, high, xtol=1e-12)
+
+
+def test_threshold_of_known_components_is_where_the_posterior_crosses_the_level():
+    expected = posterior_root((8.0, 2.0), (2.0, 6.0), 0.5, 0.9, 0.01, 0.99)
+    # the grid's first point at or above the root: within one grid step (1/2000) above it
+    assert expected <= posterior_threshold((8.0, 2.0), (2.0, 6.0), 0.5, 0.9) < expected + 6e-4
+
+
+def test_threshold_with_a_u_shaped_agrees_component_does_not_collapse_to_zero():
+    agree, disagree = (0.5, 0.5), (2.0, 5.0)  # "agrees" is U-shaped: its posterior is high near 0 too
+    assert posterior_root(agree, disagree, 0.5, 0.9, 1e-9, 0.2) > 0  # a low region that passes ...
+    expected = posterior_root(agree, disagree, 0.5, 0.9, 0.3, 1 - 1e-9)  # ... and the crossing from the top
+    assert 0.5 < expected < 0.99
+    threshold = posterior_threshold(agree, disagree, 0.5, 0.9)
+    assert expected <= threshold < expected + 6e-4  # not ~1e-4, the lowest passing grid point
+
+
+def test_threshold_is_one_when_the_top_does_not_pass():
+    assert posterior_threshold((2.0, 5.0), (5.0, 2.0), 0.5, 0.9) == 1.0
+
+
 def test_estimator_recovers_a_known_threshold_from_beta_samples():
     torch.manual_seed(0)
     agree = torch.distributions.Beta(8.0, 2.0).sample((4000,)).double()
     disagree = torch.distributions.Beta(2.0, 6.0).sample((4000,)).double()
-    true_threshold = posterior_threshold((8.0, 2.0), (2.0, 6.0), 0.5, 0.9)
+    true_threshold = posterior_root((8.0, 2.0), (2.0, 6.0), 0.5, 0.9, 0.01, 0.99)
     assert 0.3 < true_threshold < 0.9
     estimator = BetaMixtureThreshold(initial=1.0, level=0.9, refit_samples=10)
     for value in agree.tolist():
@@ -174,14 +205,50 @@ def test_estimator_keeps_its_threshold_until_both_classes_are_seen_and_stops_ref
 
 def test_adaptive_threshold_is_estimated_while_decoding(copy_model):
     copy_model.threshold_estimator = None
-    thresholds = []
+    thresholds, seen = [], []
     for input_ids in copy_inputs(9, count=6):
         _, stats = decode(copy_model, input_ids, **free_flags(0.5, use_adapt_threshold=True, adapt_threshold_samples=50))
         thresholds.append(stats["adaptive_threshold"])
+        seen.append(len(copy_model.threshold_estimator.confidences))
     estimator = copy_model.threshold_estimator
     assert estimator.samples_seen == 6 and len(estimator.confidences) > 0
-    assert all(0.0 < value <= 1.0 for value in thresholds)
+    # each sample's threshold is the refit on the observations up to it, recomputed independently
+    expected, refits = 0.5, 0
+    for n, threshold in zip(seen, thresholds):
+        value = refit_by_hand(estimator.confidences[:n], estimator.agreements[:n], 0.9)
+        if value is not None:
+            expected, refits = value, refits + 1
+        assert threshold == pytest.approx(expected, abs=1e-9)
+    assert refits > 0
     copy_model.threshold_estimator = None
+
+
+def refit_by_hand(confidences, agreements, level):
+    """The estimator's refit from its definition, with numpy moments and scipy's Beta density,
+    scanning the same grid from the top; None where the mixture is not identifiable."""
+    import numpy as np
+    from scipy.stats import beta
+
+    values, labels = np.array(confidences), np.array(agreements, dtype=bool)
+    parameters = []
+    for part in (values[labels], values[~labels]):
+        if part.size < 2:
+            return None
+        mean, var = part.mean(), part.var(ddof=1)
+        if not 0 < var < mean * (1 - mean):
+            return None
+        common = mean * (1 - mean) / var - 1
+        parameters.append((mean * common, (1 - mean) * common))
+    prior = labels.mean()
+    grid = np.linspace(1e-4, 1 - 1e-4, 2001)
+    agree = prior * beta.pdf(grid, *parameters[0])
+    posterior = agree / (agree + (1 - prior) * beta.pdf(grid, *parameters[1]))
+    threshold = 1.0
+    for c, p in zip(grid[::-1], posterior[::-1]):
+        if p < level:
+            break
+        threshold = c
+    return threshold
 
 
 def test_after_its_last_refit_the_estimator_is_not_fed_and_decoding_is_unchanged(copy_model):

@@ -57,3 +57,22 @@ def test_plots_and_traces_of_a_deploy_run(qa_data, tmp_path, monkeypatch):
     for name in plots:
         with open(tmp_path / "plots" / "run" / name, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_of_another_run_with_the_same_folder_name_are_never_overwritten(qa_data, tmp_path, monkeypatch):
+    data, model_dir = qa_data
+    monkeypatch.setattr(diagnostics, "PLOTS_ROOT", str(tmp_path / "plots"))
+    argv = ["--model_name_or_path", model_dir, "--validation_file", data, "--do_eval", "--max_answer_length", "4",
+            "--deploy_scenario", "True", "--plotting_logits", "True", "--disable_tqdm", "True"]
+    runner.run(QuestionAnswering(), argv + ["--output_dir", str(tmp_path / "a" / "run")])
+    figure = tmp_path / "plots" / "run" / "calibration.png"
+    first = figure.read_bytes()
+    # another run whose output folder has the same name is refused before anything is written
+    with pytest.raises(ValueError, match=r"plots.*run.*holds another run's plots.*--overwrite_output_dir"):
+        runner.run(QuestionAnswering(), argv + ["--output_dir", str(tmp_path / "b" / "run")])
+    assert not (tmp_path / "b").exists() and figure.read_bytes() == first
+    # a stray figure of the earlier run is removed when overwriting
+    (tmp_path / "plots" / "run" / "jsd_heatmap.png").write_bytes(b"old")
+    runner.run(QuestionAnswering(), argv + ["--output_dir", str(tmp_path / "b" / "run"), "--overwrite_output_dir", "True"])
+    assert sorted(os.listdir(tmp_path / "plots" / "run")) == ["calibration.png", "exit_layer_histogram.png",
+                                                               "ranks_per_layer.png", "static_exit_metric.png"]

@@ -7,6 +7,7 @@ import pytest
 
 from tasks import runner
 from tasks.adapters import QuestionAnswering, Summarization, Translation
+from util.additional_args import AdditionalArguments
 from util.toy_models import build_toy_t5, train_toy_tokenizer
 
 ROWS = [{"id": f"r{i}", "text": f"document number {i} about cats and dogs.", "summary": f"cats {i}."} for i in range(4)]
@@ -131,6 +132,36 @@ def test_model_path_without_tokenizer(toy_model, tmp_path, good_file):
         os.symlink(os.path.join(toy_model, name), bare / name)
     with pytest.raises(ValueError, match=r"--model_name_or_path .*bare holds no tokenizer .*--tokenizer_name"):
         summarize(str(bare), good_file, tmp_path / "out")
+
+
+def model_args(path):
+    from tasks.arguments import ModelArguments
+    return ModelArguments(model_name_or_path=path)
+
+
+def test_byte_level_model_folder_is_accepted(tmp_path):
+    """ByT5's save_pretrained writes tokenizer_config.json and added_tokens.json, no vocabulary file."""
+    from transformers import ByT5Tokenizer
+
+    folder = str(tmp_path / "byt5")
+    build_toy_t5(ByT5Tokenizer(), save_dir=folder)
+    assert "tokenizer.json" not in os.listdir(folder) and "spiece.model" not in os.listdir(folder)
+    tokenizer = runner.load_tokenizer(model_args(folder))
+    assert type(tokenizer).__name__ == "ByT5Tokenizer"
+    assert tokenizer("cats", add_special_tokens=False)["input_ids"] == [b + 3 for b in b"cats"]
+    config = runner.load_config(model_args(folder), tokenizer, AdditionalArguments())
+    assert config.vocab_size == len(tokenizer)
+
+
+def test_a_broken_tokenizer_reports_its_own_error(toy_model, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(toy_model):
+        os.symlink(os.path.join(toy_model, name), broken / name)
+    os.remove(broken / "tokenizer.json")
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken.*tokenizer could not be loaded \(.*Error"):
+        runner.load_tokenizer(model_args(str(broken)))
 
 
 def test_model_path_without_weights(toy_model, tmp_path, good_file):

@@ -68,3 +68,45 @@ def test_model_class_choice():
     assert model_class(training=True, deploy=True) is TrainT5ForConditionalGeneration
     assert model_class(training=False, deploy=False) is T5ForConditionalGeneration
     assert model_class(training=False, deploy=True) is DeployT5ForConditionalGeneration
+
+
+# ----- the generated length: ours (max_new_tokens) or FREE's (HF's max_length) -------------------
+@pytest.mark.parametrize("extra, new_tokens", [
+    ([], 4),                                                     # ours: --max_answer_length 4 generates 4
+    (["--length_counts_start_token", "True"], 3),                # FREE's QA: max_length 4 generates 3
+    (["--generation_max_length", "6"], 6),
+    (["--generation_max_length", "6", "--length_counts_start_token", "True"], 5),
+])
+def test_generated_length_convention(tmp_path, monkeypatch, extra, new_tokens):
+    from tasks import runner
+    from tasks.adapters import QuestionAnswering
+    from util.toy_models import build_toy_t5, train_toy_tokenizer
+
+    context = "Mira keeps three blue boats near the harbour."
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"id": "0", "question": "How many boats?", "context": context,
+                                "answers": {"text": ["three"], "answer_start": [context.index("three")]}}) + "\n")
+    model = str(tmp_path / "model")
+    build_toy_t5(train_toy_tokenizer([f"question: How many boats? context: {context}"], vocab_size=80), save_dir=model)
+    asked = []
+    real = runner.generate_predictions
+    monkeypatch.setattr(runner, "generate_predictions",
+                        lambda *a, **k: asked.append(k["max_new_tokens"]) or real(*a, **k))
+    results = runner.run(QuestionAnswering(), ["--model_name_or_path", model, "--validation_file", str(data),
+                                               "--do_eval", "--output_dir", str(tmp_path / "out"),
+                                               "--max_answer_length", "4", "--disable_tqdm", "True", *extra])
+    assert asked == [new_tokens]
+    assert results["eval_gen_len"] <= new_tokens
+
+
+def test_a_length_counting_the_start_token_must_leave_a_token(tmp_path):
+    from tasks import runner
+    from tasks.adapters import QuestionAnswering
+
+    data = tmp_path / "dev.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(ValueError, match="--length_counts_start_token"):
+        runner.run(QuestionAnswering(), ["--model_name_or_path", "unused", "--validation_file", str(data), "--do_eval",
+                                         "--output_dir", str(tmp_path / "out"), "--max_answer_length", "1",
+                                         "--length_counts_start_token", "True"])
+    assert not (tmp_path / "out").exists()

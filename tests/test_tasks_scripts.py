@@ -19,13 +19,8 @@ SCRIPTS = {
     "run_sum_bigpatent.sh": "src/run_summarization.py",
     "run_tr_iwslt.sh": "src/run_translation.py",
 }
-METHODS = ("full", "static", "softmax", "meta", "state", "decay", "vocab_fixed", "vocab_decaying", "vocab_adaptive",
-           "contrastive", "reweight", "jsd", "shallow_deep", "shallow_deep_adaptive")
-FLAGS = ("--static_exit_layer", "--exit_conf_type softmax", "--exit_conf_type meta", "--exit_conf_type state",
-         "--type_vocab_reduct fixed", "--type_vocab_reduct decaying", "--type_vocab_reduct adaptive",
-         "contrastive_decoding", "reweight_contrastive_decoding", "JSD_contrastive_confidence",
-         "--use_shallow_deep True", "--use_adapt_threshold True", "--count_flops True", "--deploy_scenario True",
-         "--intermediate_loss_fn shallowdeep_kd_dyna")
+FLAGS = ("--count_flops True", "--deploy_scenario True", "--intermediate_loss_fn shallowdeep_kd_dyna",
+         "src/util/methods.py")
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -37,14 +32,58 @@ def test_script_is_valid_bash_and_runs_its_entry_point_through_the_shared_sectio
     assert 'source "$(dirname "$0")/common.sh"' in text
 
 
-def test_shared_sections_offer_every_method_and_flag():
+def test_shared_sections_read_the_method_table_and_offer_every_flag():
     path = os.path.join(ROOT, "scripts", "common.sh")
     subprocess.run(["bash", "-n", path], check=True)
     text = open(path).read()
-    for method in METHODS:
-        assert f"\n  {method})" in text, method
     for flag in FLAGS:
         assert flag in text, flag
+    assert "--exit_conf_type" not in text  # no second list of methods in the shell
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("full", []),
+    ("static", ["--static_exit_layer", "5"]),
+    ("vocab_decaying_rerank", ["--use_early_exit", "True", "--exit_conf_type", "softmax", "--exit_conf_threshold",
+                               "0.7", "--exit_min_layer", "3", "--type_vocab_reduct", "decaying",
+                               "--vocab_rerank", "True"]),
+    ("shallow_deep_adaptive", ["--use_shallow_deep", "True", "--shallow_exit_layer", "2", "--shallow2deep_conf_type",
+                               "softmax", "--shallow2deep_conf_threshold", "0.7", "--use_adapt_threshold", "True"]),
+])
+def test_a_script_passes_the_tables_arguments_of_its_method(tmp_path, method, expected):
+    """PYTHON is a stub that runs the table for real and records what the entry point would get."""
+    stub = tmp_path / "python"
+    recorded = tmp_path / "args.txt"
+    stub.write_text(f'#!/bin/bash\nif [ "$1" = src/util/methods.py ]; then exec {sys.executable} "$@"; fi\n'
+                    f'printf "%s\\n" "$@" > {recorded}\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), DO_TRAIN="false", MODEL="m", METHOD=method, THRESHOLD="0.7",
+               MIN_LAYER="3", STATIC_LAYER="5", SHALLOW_LAYER="2", VALIDATION_FILE="dev.jsonl")
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_sum_samsum.sh")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    argv = recorded.read_text().splitlines()
+    start = argv.index("True", argv.index("--deploy_scenario")) + 1
+    assert argv[start:] == expected
+
+
+def test_every_method_of_the_table_is_valid_and_the_demo_and_sweep_read_it():
+    import demo
+    import run_sweep
+    from transformers import T5Config
+    from util import methods
+    from util.additional_args import AdditionalArguments, update_autoconfig
+
+    for name in methods.METHODS:
+        flags = methods.method_flags(name, min_layer=3, static_layer=6, shallow_layer=4)
+        update_autoconfig(T5Config(num_layers=2, num_decoder_layers=24), AdditionalArguments(**flags))
+    rows = {row: flags for row, flags in demo.METHODS}
+    assert rows["JSD contrastive 0.9"] == {"use_early_exit": True, "exit_conf_type": "JSD_contrastive_confidence",
+                                           "exit_conf_threshold": 0.9, "exit_min_layer": 3}
+    assert rows["FREE shallow-deep, layer 2, softmax 0.9"] == methods.method_flags("shallow_deep", shallow_layer=2)
+    assert run_sweep.REDUCTIONS == tuple(methods.REDUCTIONS)
+    with pytest.raises(ValueError, match="unknown METHOD=fastest"):
+        methods.method_flags("fastest")
 
 
 def test_unknown_method_is_refused():

@@ -44,25 +44,25 @@ def test_cross_entropy_losses_match_hand_computed_values():
     assert float(shallow_deep) == pytest.approx((CE[0] + 3 * CE[2]) / 4, abs=1e-6)
 
 
-def test_distillation_losses_match_hand_computed_values():
+def test_kl_distillation_losses_match_hand_computed_values():
     student, teachers = LAYER_LOGITS[0], LAYER_LOGITS[1:]
-    last = mt.distillation("shallowdeep_kd_last", student, teachers, LABELS)
+    last = mt.kl_distillation("shallowdeep_kl_last", student, teachers, LABELS)
     assert float(last) == pytest.approx(sum(KL_TO_SHALLOW[3]) / 2, abs=1e-6)
-    dyna = mt.distillation("shallowdeep_kd_dyna", student, teachers, LABELS)
+    dyna = mt.kl_distillation("shallowdeep_kl_dyna", student, teachers, LABELS)
     closest = [min(KL_TO_SHALLOW[2][t], KL_TO_SHALLOW[3][t]) for t in range(2)]
     assert float(dyna) == pytest.approx(sum(closest) / 2, abs=1e-6)
     assert float(dyna) < float(last)  # the closest teacher differs from the last one on token 0
 
-    unif = mt.distillation("shallowdeep_kd_unif", student, teachers, LABELS, torch.Generator().manual_seed(3))
+    unif = mt.kl_distillation("shallowdeep_kl_unif", student, teachers, LABELS, torch.Generator().manual_seed(3))
     drawn = torch.randint(2, (1, 3), generator=torch.Generator().manual_seed(3))[0]  # the same draws
     expected = [KL_TO_SHALLOW[2 + int(drawn[t])][t] for t in range(2)]
     assert float(unif) == pytest.approx(sum(expected) / 2, abs=1e-6)
 
 
-def test_distillation_teacher_gets_no_gradient():
+def test_kl_distillation_teacher_gets_no_gradient():
     student = LAYER_LOGITS[0].clone().requires_grad_()
     teacher = LAYER_LOGITS[2].clone().requires_grad_()
-    mt.distillation("shallowdeep_kd_last", student, [teacher], LABELS).backward()
+    mt.kl_distillation("shallowdeep_kl_last", student, [teacher], LABELS).backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0
 
 
@@ -113,19 +113,140 @@ def test_model_loss_uses_every_block_output_through_the_decode_head(loss_fn):
     assert float(model(**inputs).loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_fn", ["shallowdeep_kd_last", "shallowdeep_kd_dyna"])
-def test_model_shallow_deep_loss_combines_ce_and_kd(loss_fn):
+@pytest.mark.parametrize("loss_fn", ["shallowdeep_kl_last", "shallowdeep_kl_dyna"])
+def test_model_kl_loss_mixes_ce_and_kl(loss_fn):
     model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn=loss_fn, shallow_exit_layer=2,
                         distill_layer_alpha=0.25).eval()
     inputs = batch()
     logits = raw_block_logits(model, inputs)
     ce = mt.shallow_deep_ce(logits[1], logits[3], inputs["labels"], 2, 4)
-    kd = mt.distillation(loss_fn, logits[1], logits[2:], inputs["labels"])
+    kd = mt.kl_distillation(loss_fn, logits[1], logits[2:], inputs["labels"])
     assert float(model(**inputs).loss) == pytest.approx(float(0.75 * ce + 0.25 * kd), rel=1e-5)
 
 
-def test_layer_transformation_starts_as_identity_and_learns():
-    flags = dict(output_hidden_states_decoder=True, intermediate_loss_fn="shallowdeep_kd_last",
+# ----- FREE's layerwise distillation (issue 13, item 1), against a slow float64 re-computation ----------
+# FREE's TEACHER_LAYERS exactly as util/losses.py writes it: 0-based indices into its list of
+# decoder states, whose index i is the state after block i + 1
+FREE_TABLE_0_BASED = {24: {12: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23], 10: [2, 5, 7, 10, 12, 15, 17, 19, 21, 23],
+                           8: [2, 5, 8, 11, 14, 17, 20, 23], 6: [3, 7, 11, 15, 19, 23], 4: [5, 11, 17, 23]},
+                      12: {3: [3, 7, 11]}}
+
+
+def block_states(model, inputs):
+    """Raw output h_l of every decoder block l = 1..L, through hooks on the blocks."""
+    outputs = []
+    hooks = [block.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for block in model.decoder.block]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [None] + outputs[-len(model.decoder.block):]
+
+
+def slow_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    difference = (a - b).flatten().tolist()
+    return sum(x * x for x in difference) / len(difference)
+
+
+def slow_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for row in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            label = int(labels[row, t])
+            if label != -100:
+                z = logits[row, t].tolist()
+                top = max(z)
+                total += top + math.log(sum(math.exp(v - top) for v in z)) - z[label]
+                count += 1
+    return total / count
+
+
+def slow_free_loss(model, inputs, name: str, k: int, alpha: float) -> float:
+    """FREE's CE_sd + alpha KD written from its formulas, in float64 Python arithmetic."""
+    L = len(model.decoder.block)
+    h = block_states(model, inputs)
+    n = [None] + [model.decoder.final_layer_norm(h[layer]) for layer in range(1, L + 1)]
+    labels = inputs["labels"]
+    ce_sd = (k * slow_ce(output_logits(model, h[k]), labels) + L * slow_ce(output_logits(model, h[L]), labels)) / (k + L)
+    transform = getattr(model, "layer_transformation", None)
+    student = [None] + [n[j] @ transform.weight.T if transform is not None else n[j] for j in range(1, k + 1)]
+    if name == "shallowdeep_kd_last":
+        return ce_sd + alpha * slow_mse(n[L], student[k])
+    table = FREE_TABLE_0_BASED.get(L, {}).get(k)
+    teacher = [i + 1 for i in table] if table else [math.ceil(j * L / k) for j in range(1, k + 1)]
+    mse = [[slow_mse(n[teacher[a]], student[j + 1]) for j in range(k)] for a in range(k)]
+    if name == "shallowdeep_kd_unif":
+        return ce_sd + alpha * sum(mse[a][a] for a in range(k)) / k
+    chosen, below = {}, k  # from the deepest teacher down, the best student below the previous choice
+    for a in reversed(range(k)):
+        chosen[a] = min(range(below), key=lambda j: mse[a][j]) if below else chosen[a + 1]
+        below = chosen[a]
+    return ce_sd + alpha * sum(mse[a][chosen[a]] for a in range(k)) / k
+
+
+def free_model(L: int, k: int, name: str, transform: bool, alpha=0.7):
+    config = update_autoconfig(copy_config(num_decoder_layers=L, d_model=16, d_kv=4, num_heads=2, d_ff=32),
+                               AdditionalArguments(output_hidden_states_decoder=True, intermediate_loss_fn=name,
+                                                   shallow_exit_layer=k, distill_layer_alpha=alpha,
+                                                   do_layer_transformation=transform))
+    torch.manual_seed(L + k)
+    model = TrainT5ForConditionalGeneration(config).double().eval()
+    if transform:  # a map that is not the identity, so that applying it matters
+        with torch.no_grad():
+            model.layer_transformation.weight.add_(0.3 * torch.randn(16, 16, dtype=torch.float64))
+    return model
+
+
+@pytest.mark.parametrize("L, k", [(24, 6), (24, 10), (24, 7), (12, 3), (6, 2)])
+@pytest.mark.parametrize("name", mt.KD_LOSSES)
+@pytest.mark.parametrize("transform", [False, True])
+def test_free_distillation_losses_equal_a_slow_recomputation(L, k, name, transform):
+    if name == "shallowdeep_kd_last" and (L, k) not in ((24, 6), (6, 2)):
+        pytest.skip("_last does not depend on the layer map")
+    model = free_model(L, k, name, transform)
+    inputs = batch(size=3)
+    expected = slow_free_loss(model, inputs, name, k, 0.7)
+    assert float(model(**inputs).loss) == pytest.approx(expected, rel=1e-9)
+    ce_only = slow_free_loss(model, inputs, name, k, 0.0)
+    assert abs(expected - ce_only) > 1e-4  # the distillation term is really there
+
+
+def test_uniform_teacher_layers_are_freees_table_or_the_stated_rule():
+    assert mt.uniform_teacher_layers(24, 6) == [4, 8, 12, 16, 20, 24]
+    assert mt.uniform_teacher_layers(24, 10) == [3, 6, 8, 11, 13, 16, 18, 20, 22, 24]  # FREE's, not the rule
+    assert mt.uniform_teacher_layers(24, 7) == [4, 7, 11, 14, 18, 21, 24]  # ceil(24 j / 7)
+    assert mt.uniform_teacher_layers(6, 4) == [2, 3, 5, 6]
+
+
+def test_dynamic_alignment_goes_down_from_the_deepest_teacher():
+    # teachers (rows) 0..2, students (columns) 0..2; the deepest picks first, each below the last
+    assert mt.dynamic_alignment(torch.tensor([[1.0, 0.0, 0.0], [5.0, 4.0, 0.0], [3.0, 1.0, 2.0]])) == [0, 0, 1]
+    assert mt.dynamic_alignment(torch.tensor([[9.0, 0.0, 9.0], [0.0, 9.0, 9.0], [9.0, 9.0, 0.0]])) == [0, 0, 2]
+    assert mt.dynamic_alignment(torch.tensor([[0.0, 1.0], [1.0, 0.0]])) == [0, 1]
+
+
+def test_free_distillation_teachers_get_no_gradient():
+    """The deepest block only produces the teacher n_L of _last: its gradient is CE_sd's alone."""
+    grads = {}
+    for name in ("shallowdeep_ce", "shallowdeep_kd_last"):
+        flags = dict(output_hidden_states_decoder=True, intermediate_loss_fn=name, shallow_exit_layer=2)
+        model = train_model(seed=5, **flags, **({"distill_layer_alpha": 0.7} if name != "shallowdeep_ce" else {}))
+        model.eval()(**batch()).loss.backward()
+        grads[name] = [p.grad.clone() for p in model.decoder.block[3].parameters() if p.grad is not None]
+        shallow_grads = [p.grad for p in model.decoder.block[0].parameters() if p.grad is not None]
+        grads[name + " shallow"] = [g.clone() for g in shallow_grads]
+    assert grads["shallowdeep_ce"] and all(torch.allclose(a, b, atol=1e-7) for a, b in
+                                           zip(grads["shallowdeep_ce"], grads["shallowdeep_kd_last"]))
+    assert any(not torch.allclose(a, b) for a, b in
+               zip(grads["shallowdeep_ce shallow"], grads["shallowdeep_kd_last shallow"]))  # students do learn
+
+
+@pytest.mark.parametrize("loss_fn", ["shallowdeep_kd_last", "shallowdeep_kl_last"])
+def test_layer_transformation_starts_as_identity_and_learns(loss_fn):
+    flags = dict(output_hidden_states_decoder=True, intermediate_loss_fn=loss_fn,
                  shallow_exit_layer=2, distill_layer_alpha=0.5)
     plain, transformed = train_model(**flags).eval(), train_model(do_layer_transformation=True, **flags).eval()
     assert torch.equal(transformed.layer_transformation.weight, torch.eye(64))
@@ -183,6 +304,19 @@ def test_meta_head_loss_matches_its_definition():
     scores = model.cm_head(torch.stack(states))[valid]
     expected = mt.balanced_cross_entropy(scores, agreement[valid])
     assert float(model(**inputs).loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_meta_head_labels_come_from_the_backbone_without_dropout():
+    """The Trainer calls the model in train mode: the frozen backbone must still run without dropout."""
+    config = update_autoconfig(copy_config(dropout_rate=0.5),
+                               AdditionalArguments(output_hidden_states_decoder=True, train_meta_cm_head=True))
+    torch.manual_seed(6)
+    model = mt.prepare_for_training(TrainT5ForConditionalGeneration(config))
+    inputs = batch()
+    expected = float(model.eval()(**inputs).loss)  # eval mode: no dropout anywhere
+    model.train()
+    assert [float(model(**inputs).loss) for _ in range(3)] == [pytest.approx(expected, rel=1e-6)] * 3
+    assert model.training and model.decoder.training  # its mode is given back
 
 
 # ----- LoRA ----------------------------------------------------------------------------------------
@@ -261,3 +395,19 @@ def test_meta_head_with_lora_is_refused():
     model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, use_lora=True)
     with pytest.raises(ValueError, match="use_lora"):
         mt.prepare_for_training(model)
+
+
+# ----- one rule for the meta head (issue 13, item 11) -----------------------------------------------
+@pytest.mark.parametrize("flags, has_head", [
+    (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="meta"), True),
+    (dict(use_early_exit=True, exit_conf_type="meta"), True),
+    (dict(output_hidden_states_decoder=True, train_meta_cm_head=True), True),
+    (dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax"), False),
+])
+def test_training_and_deploy_models_agree_on_the_meta_head(flags, has_head):
+    from models import deploying_t5
+
+    config = update_autoconfig(copy_config(), AdditionalArguments(**flags))
+    assert hasattr(TrainT5ForConditionalGeneration(config), "cm_head") is has_head
+    assert hasattr(DeployT5ForConditionalGeneration(config), "cm_head") is has_head
+    assert deploying_t5._uses_meta_head is mt.uses_meta_head  # one function, both sides

@@ -41,6 +41,14 @@ def train_argv(toy, out, *extra):
             *extra]
 
 
+def assert_use_cache_is_on(folder):
+    """The saved config and generation config ask for the KV cache (issue 18): training turns it
+    off, and a checkpoint that keeps it off silently slows HF generate and FREE's code."""
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(folder, name)) as handle:
+            assert json.load(handle).get("use_cache") is True, name
+
+
 def weight_names(folder):
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as handle:
         return list(handle.keys())
@@ -55,18 +63,33 @@ def test_weighted_ce_training_through_the_script_saves_a_complete_checkpoint(toy
     assert config.intermediate_loss_fn == "weighted_ce"  # the exit configuration travels with the weights
     assert os.path.isfile(out / "tokenizer.json")
     DeployT5ForConditionalGeneration.from_pretrained(str(out), config=config)
+    assert_use_cache_is_on(out)
 
 
 def test_lora_training_saves_merged_weights(toy, tmp_path):
     out = tmp_path / "lora"
     runner.run(QuestionAnswering(), train_argv(toy, out, "--use_lora", "True", "--lora_rank", "2",
                                                 "--learning_rate", "1e-2"))
+    assert_use_cache_is_on(out)
     names = weight_names(out)
     assert not any("lora" in n for n in names) and "decoder.block.0.layer.0.SelfAttention.q.weight" in names
     trained = DeployT5ForConditionalGeneration.from_pretrained(str(out)).state_dict()
     initial = DeployT5ForConditionalGeneration.from_pretrained(toy["model_dir"]).state_dict()
     changed = {n for n in initial if not torch.equal(initial[n], trained[n])}
     assert changed and all(n.endswith((".q.weight", ".v.weight")) for n in changed)  # only the adapted layers
+
+
+def test_unmerged_lora_and_meta_head_checkpoints_also_ask_for_the_cache(toy, tmp_path):
+    from models.modeling_t5 import TrainT5ForConditionalGeneration, prepare_for_training, save_checkpoint
+
+    model = TrainT5ForConditionalGeneration.from_pretrained(toy["model_dir"], use_cache=False)
+    model.generation_config.use_cache = False
+    save_checkpoint(prepare_for_training(model), None, str(tmp_path / "plain"))
+    assert_use_cache_is_on(tmp_path / "plain")
+    out = tmp_path / "meta"
+    runner.run(QuestionAnswering(), train_argv(toy, out, "--output_hidden_states_decoder", "True",
+                                                "--train_meta_cm_head", "True"))
+    assert_use_cache_is_on(out)
 
 
 def test_unknown_lora_target_fails_before_training(toy, tmp_path):

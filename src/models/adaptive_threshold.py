@@ -3,8 +3,8 @@
 Each observation is a shallow-layer confidence labelled by whether the shallow prediction agreed
 with the deep one (seen in the parallel deep passes). The labels are known, so each component is
 fitted to its own observations (Beta by the method of moments) and the mixing weight is the
-agreement rate. The threshold is the lowest confidence at which the posterior of the "agrees"
-component reaches the level zeta. The estimate is refitted after each of the first samples and
+agreement rate. The threshold is the lowest confidence above which the posterior of the "agrees"
+component stays at or above the level zeta. The estimate is refitted after each of the first samples and
 then kept.
 """
 
@@ -35,12 +35,20 @@ def beta_log_pdf(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
 
 def posterior_threshold(agree: Tuple[float, float], disagree: Tuple[float, float], prior: float,
                         level: float) -> float:
-    """Lowest confidence whose posterior P(agree | c) reaches `level`; 1.0 if none does."""
+    """Lowest confidence c such that the posterior P(agree | c') >= `level` for every c' >= c
+    (on the grid); 1.0 if the posterior at the top of the grid is below `level`.
+
+    Read from the top, as FREE's estimator counts passing points: when the "agrees" Beta has
+    a < 1 its density, and so the posterior, is high near confidence 0 too, and the lowest
+    passing confidence would be ~0, letting every token exit shallow."""
     log_agree = math.log(prior) + beta_log_pdf(GRID, *agree)
     log_disagree = math.log(1 - prior) + beta_log_pdf(GRID, *disagree)
     posterior = torch.sigmoid(log_agree - log_disagree)
-    passing = (posterior >= level).nonzero()
-    return float(GRID[passing[0, 0]]) if passing.numel() else 1.0
+    failing = (posterior < level).nonzero()
+    if failing.numel() == 0:
+        return float(GRID[0])
+    last_failing = int(failing[-1, 0])
+    return float(GRID[last_failing + 1]) if last_failing + 1 < GRID.numel() else 1.0
 
 
 class BetaMixtureThreshold:

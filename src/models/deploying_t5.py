@@ -26,14 +26,7 @@ from models.layer_scorer import LayerScorer
 from models.results import TIMED_COMPONENTS, merge_rows
 from models.shallow_deep import ShallowDeepStep
 from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
-
-
-def _uses_meta_head(config) -> bool:
-    return (
-        getattr(config, "exit_conf_type", None) == "meta"
-        or getattr(config, "shallow2deep_conf_type", None) == "meta"
-        or bool(getattr(config, "train_meta_cm_head", False))
-    )
+from util.additional_args import uses_meta_head as _uses_meta_head
 
 
 class EarlyExitGenerationMixin:

@@ -14,20 +14,32 @@ Losses (`intermediate_loss_fn`); CE_l is the token-mean cross-entropy of layer l
 - `weighted_ce` (CALM): sum_l l CE_l / sum_l l.
 - `shallowdeep_ce` (FREE): with k = `shallow_exit_layer`, CE_sd = (k CE_k + L CE_L) / (k + L),
   each of the two layers weighted by its depth, as FREE weights them.
-- `shallowdeep_kd_*`: (1 - alpha) CE_sd + alpha KD, alpha = `distill_layer_alpha`, where
+- `shallowdeep_kd_*` (FREE's layerwise distillation): CE_sd + alpha KD, alpha =
+  `distill_layer_alpha` (added, not a convex mix). KD is a mean squared error between decoder
+  states as FREE takes them, n_l = dropout(norm(h_l)) (each block's output after the decoder's
+  final layer norm; dropout is off in eval), averaged over every element of the batch (FREE
+  masks no padding); teachers detached, students passed through the learnt map T when
+  `do_layer_transformation` is on:
+  - `_last`: MSE(n_L, T(n_k)).
+  - `_unif`: student layer j = 1..k matched to teacher layer t(j); KD = mean over j of
+    MSE(n_t(j), T(n_j)). t is FREE's table for L = 24 (k = 4, 6, 8, 10, 12) and L = 12 (k = 3),
+    elsewhere the uniform rule t(j) = ceil(j L / k) (which FREE's table also follows except k = 10).
+  - `_dyna`: FREE's dynamic alignment: with M[a, j] = MSE(n_t(a), T(n_j)), from the deepest
+    teacher a = k down, teacher a is aligned with the student of lowest M[a, .] among those below
+    the previous alignment (the previous one again if none is left); KD = mean over a of the
+    aligned M.
+- `shallowdeep_kl_*` (ours, a distribution-level variant): (1 - alpha) CE_sd + alpha KD, where
   KD is the token mean of KL(p_teacher || p_k), teacher distributions detached:
   - `_last`: the teacher is layer L.
   - `_unif`: every target token draws its teacher uniformly from layers k+1..L (a generator
     seeded once per model, so runs repeat).
-  - `_dyna`: FREE's dynamic layer mapping, applied to distributions: every token is distilled
-    from the deep layer j in k+1..L whose distribution is closest to the shallow one, i.e.
-    KD = mean over tokens of min_j KL(p_j || p_k). The shallow layer is pulled towards the deep
-    layer it can best imitate, not forced to match the last one.
-- `do_layer_transformation`: a learnt linear map T (d x d, initialised to the identity) applied to
-  h_k before the head in the distillation term only: KD uses softmax(z(T h_k)). The CE term, and
-  so decoding, keep the plain head on h_k, which the deploy model computes.
+  - `_dyna`: every token is distilled from the deep layer j in k+1..L whose distribution is
+    closest to the shallow one, KD = mean over tokens of min_j KL(p_j || p_k).
+  With `do_layer_transformation`, KD uses softmax(z(T h_k)); the CE term, and so decoding, keep
+  the plain head on h_k, which the deploy model computes.
 
-Meta head (`train_meta_cm_head`): the rest of the model is frozen; for every layer l in 1..L-1 and
+Meta head (`train_meta_cm_head`): the rest of the model is frozen and run in eval mode (no
+dropout, as at decoding, even while the Trainer has the model in train mode); for every layer l in 1..L-1 and
 every target token, label = 1 when argmax z_l equals argmax z_L, else 0; the head sees
 norm(h_l) (as `meta_confidence` does at decoding). The loss is class-balanced: the mean over
 the classes present of each class's mean cross-entropy, so the frequent class does not dominate.
@@ -44,12 +56,23 @@ from transformers import initialization as init
 
 from models.confidence import build_meta_head
 from models.decode_loop import output_logits
-from util.additional_args import AdditionalArguments
+from util.additional_args import AdditionalArguments, uses_meta_head
 
 IGNORE = -100
-KD_LOSSES = ("shallowdeep_kd_last", "shallowdeep_kd_unif", "shallowdeep_kd_dyna")
-SHALLOW_DEEP_LOSSES = ("shallowdeep_ce",) + KD_LOSSES
+KD_LOSSES = ("shallowdeep_kd_last", "shallowdeep_kd_unif", "shallowdeep_kd_dyna")  # FREE's, on hidden states
+KL_LOSSES = ("shallowdeep_kl_last", "shallowdeep_kl_unif", "shallowdeep_kl_dyna")  # ours, on distributions
+SHALLOW_DEEP_LOSSES = ("shallowdeep_ce",) + KD_LOSSES + KL_LOSSES
 UNIFORM_TEACHER_SEED = 0
+# FREE's uniform layer map (util/losses.py, TEACHER_LAYERS), in our 1-based layer numbers:
+# decoder depth L -> shallow layer k -> the teacher layer of student layers 1..k
+FREE_TEACHER_LAYERS = {
+    24: {12: [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24],
+         10: [3, 6, 8, 11, 13, 16, 18, 20, 22, 24],
+         8: [3, 6, 9, 12, 15, 18, 21, 24],
+         6: [4, 8, 12, 16, 20, 24],
+         4: [6, 12, 18, 24]},
+    12: {3: [4, 8, 12]},
+}
 
 
 # ----- the losses on logits (pure functions: tested on hand-computed values) -------------------
@@ -59,15 +82,20 @@ def token_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return values[mask].sum() / mask.sum().clamp(min=1)
 
 
+def _wide(values: torch.Tensor) -> torch.Tensor:
+    """At least float32 for the losses (bf16/fp16 widened, float64 kept)."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean cross-entropy of (B, T, V) logits against (B, T) labels."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(_wide(logits.flatten(0, -2)), labels.flatten(), ignore_index=IGNORE)
 
 
 def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_teacher || p_student) per token, the teacher detached; (..., V) -> (...)."""
-    teacher = F.log_softmax(teacher_logits.detach().float(), dim=-1)
-    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(_wide(teacher_logits.detach()), dim=-1)
+    student = F.log_softmax(_wide(student_logits), dim=-1)
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
@@ -87,18 +115,54 @@ def shallow_deep_ce(shallow: torch.Tensor, last: torch.Tensor, labels: torch.Ten
     return (k * cross_entropy(shallow, labels) + L * cross_entropy(last, labels)) / (k + L)
 
 
-def distillation(kind: str, student: torch.Tensor, teachers: List[torch.Tensor], labels: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """KD of the shallow layer; teachers are layers k+1..L in order (see the module docstring)."""
-    if kind == "shallowdeep_kd_last":
+def kl_distillation(kind: str, student: torch.Tensor, teachers: List[torch.Tensor], labels: torch.Tensor,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Our KL distillation of the shallow layer; teachers are layers k+1..L in order."""
+    if kind == "shallowdeep_kl_last":
         return token_mean(kl_per_token(teachers[-1], student), labels)
     per_layer = torch.stack([kl_per_token(t, student) for t in teachers])  # (D, B, T)
-    if kind == "shallowdeep_kd_unif":
+    if kind == "shallowdeep_kl_unif":
         choice = torch.randint(len(teachers), labels.shape, generator=generator).to(per_layer.device)
         return token_mean(per_layer.gather(0, choice.unsqueeze(0)).squeeze(0), labels)
-    if kind == "shallowdeep_kd_dyna":
+    if kind == "shallowdeep_kl_dyna":
         return token_mean(per_layer.min(dim=0).values, labels)
-    raise ValueError(f"intermediate_loss_fn={kind!r} is not a distillation loss.")
+    raise ValueError(f"intermediate_loss_fn={kind!r} is not a KL distillation loss.")
+
+
+def uniform_teacher_layers(num_layers: int, shallow_layer: int) -> List[int]:
+    """Teacher layer of each student layer 1..k: FREE's table where it has one, else ceil(j L / k)."""
+    table = FREE_TEACHER_LAYERS.get(num_layers, {})
+    if shallow_layer in table:
+        return list(table[shallow_layer])
+    return [-(-j * num_layers // shallow_layer) for j in range(1, shallow_layer + 1)]
+
+
+def dynamic_alignment(mse: torch.Tensor) -> List[int]:
+    """FREE's alignment of teachers to students (0-based) from mse[a, j]: from the deepest teacher
+    down, the student of lowest MSE below the previous alignment (the previous one if none is)."""
+    alignment, bound = [], mse.shape[1]
+    for a in range(mse.shape[0] - 1, -1, -1):
+        candidates = range(bound)
+        best = min(candidates, key=lambda j: float(mse[a, j])) if bound > 0 else alignment[-1]
+        alignment.append(best)
+        bound = best
+    return alignment[::-1]
+
+
+def hidden_distillation(kind: str, students: List[torch.Tensor], teachers: Dict[int, torch.Tensor],
+                        num_layers: int) -> torch.Tensor:
+    """FREE's KD: students[j-1] is T(n_j) for j = 1..k, teachers[l] is n_l (detached)."""
+    k = len(students)
+    if kind == "shallowdeep_kd_last":
+        return F.mse_loss(students[-1], teachers[num_layers])
+    targets = [teachers[layer] for layer in uniform_teacher_layers(num_layers, k)]
+    if kind == "shallowdeep_kd_unif":
+        return sum(F.mse_loss(s, t) for s, t in zip(students, targets)) / k
+    if kind == "shallowdeep_kd_dyna":
+        mse = torch.stack([torch.stack([F.mse_loss(s, t) for s in students]) for t in targets])  # (k, k)
+        alignment = dynamic_alignment(mse.detach())
+        return torch.stack([mse[a, j] for a, j in enumerate(alignment)]).mean()
+    raise ValueError(f"intermediate_loss_fn={kind!r} is not a hidden-state distillation loss.")
 
 
 def meta_labels(logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -124,10 +188,6 @@ def meta_head_loss(cm_head: nn.Module, normed_states: List[torch.Tensor], logits
 
 
 # ----- the model --------------------------------------------------------------------------------
-def _uses_meta_head(config) -> bool:
-    return bool(getattr(config, "train_meta_cm_head", False)) or getattr(config, "exit_conf_type", None) == "meta"
-
-
 class EarlyExitTrainingMixin:
     """The training `loss` with the intermediate layers chosen by the config's flags, over any
     T5-family class whose decoder is T5's (its hidden states, final norm, LM head). Put it before
@@ -138,7 +198,7 @@ class EarlyExitTrainingMixin:
 
     def __init__(self, config):
         super().__init__(config)
-        if _uses_meta_head(config):
+        if uses_meta_head(config):
             self.cm_head = build_meta_head(config.d_model)
         if getattr(config, "do_layer_transformation", False):
             self.layer_transformation = nn.Linear(config.d_model, config.d_model, bias=False)
@@ -164,8 +224,15 @@ class EarlyExitTrainingMixin:
         kwargs["output_hidden_states"] = True
         kwargs["return_dict"] = True
         if args.train_meta_cm_head:
-            with torch.no_grad():  # the model is frozen: only the meta head learns
-                out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            # the model is frozen: only the meta head learns. Its inputs and labels (agreement with
+            # the last layer) come from the backbone in eval mode, as at decoding: no dropout.
+            was_training = self.training
+            self.train(False)
+            try:
+                with torch.no_grad():
+                    out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            finally:
+                self.train(was_training)
             out.loss = self._meta_loss(out, labels)
         else:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -190,20 +257,34 @@ class EarlyExitTrainingMixin:
         k = args.shallow_exit_layer
         shallow, last = self._layer_logits(out, k), out.logits
         loss = shallow_deep_ce(shallow, last, labels, k, L)
-        if name not in KD_LOSSES:
+        transform = getattr(self, "layer_transformation", None)
+        alpha = args.distill_layer_alpha
+        if name in KD_LOSSES:
+            students = [self._normed_state(out, layer) for layer in range(1, k + 1)]
+            if transform is not None:
+                students = [transform(state) for state in students]
+            needed = {L} if name == "shallowdeep_kd_last" else set(uniform_teacher_layers(L, k))
+            teachers = {layer: self._normed_state(out, layer).detach() for layer in needed}
+            return loss + alpha * hidden_distillation(name, students, teachers, L)
+        if name not in KL_LOSSES:
             return loss
         student = shallow
-        if getattr(self, "layer_transformation", None) is not None:
-            student = output_logits(self, self.layer_transformation(self._block_output(out, k)))
-        if name == "shallowdeep_kd_last":
+        if transform is not None:
+            student = output_logits(self, transform(self._block_output(out, k)))
+        if name == "shallowdeep_kl_last":
             teachers = [last]
         else:
             with torch.no_grad():  # teachers only: no graph for the layers between k and L
                 teachers = [self._layer_logits(out, layer) for layer in range(k + 1, L)]
             teachers.append(last)
-        kd = distillation(name, student, teachers, labels, self._uniform_teacher)
-        alpha = args.distill_layer_alpha
+        kd = kl_distillation(name, student, teachers, labels, self._uniform_teacher)
         return (1 - alpha) * loss + alpha * kd
+
+    def _normed_state(self, out, layer: int) -> torch.Tensor:
+        """n_l = dropout(norm(h_l)), FREE's decoder hidden state; HF's last one is already that."""
+        if layer == self.config.num_decoder_layers:
+            return out.decoder_hidden_states[layer]
+        return self.decoder.dropout(self.decoder.final_layer_norm(self._block_output(out, layer)))
 
     def _meta_loss(self, out, labels: torch.Tensor) -> torch.Tensor:
         L = self.config.num_decoder_layers
@@ -264,9 +345,14 @@ def prepare_for_training(model: EarlyExitTrainingMixin):
 
 
 def merged_for_saving(model: nn.Module) -> nn.Module:
-    """The plain model to save or evaluate: LoRA adapters merged into the weights."""
+    """The plain model to save or evaluate: LoRA adapters merged into the weights, and the KV cache
+    switched back on in its config and generation config (training turns it off; a checkpoint that
+    kept it off would silently slow HF generate, and disable early exit under FREE's code)."""
     if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     return model
 
 

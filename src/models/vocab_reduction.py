@@ -19,8 +19,11 @@ import torch
 
 
 def schedule(layer: int, num_layers: int, k_max: int, k_min: int, vocab_size: int) -> int:
-    """k(i) = max(k_min, floor(k_max / (1 + (k_max - k_min) / k_min * i / L))), clipped to V."""
-    k = math.floor(k_max / (1 + (k_max - k_min) / k_min * layer / num_layers))
+    """k(i) = max(k_min, floor(k_max / (1 + (k_max - k_min) / k_min * i / L))), clipped to V.
+
+    Computed exactly, as k_max k_min L // (k_min L + (k_max - k_min) i): in floating point the
+    quotient of an exact integer can land just below it and floor one too low (1875 -> 1874)."""
+    k = (k_max * k_min * num_layers) // (k_min * num_layers + (k_max - k_min) * layer)
     return min(max(k_min, k), vocab_size)
 
 

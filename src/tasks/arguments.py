@@ -41,6 +41,9 @@ class DataTrainingArguments:
     source_prefix: Optional[str] = _arg(None, "Text put before every input (T5 task prefix); default per task.")
     preprocessing_num_workers: Optional[int] = _arg(None, "Processes for tokenisation.")
     overwrite_output_dir: bool = _arg(False, "Allow writing into an output_dir that is not empty.")
+    length_counts_start_token: bool = _arg(False, "The generated length (--max_answer_length, --val_max_target_length, "
+                                           "--generation_max_length) counts the decoder start token, as HF's max_length "
+                                           "and FREE's QA evaluation do: N generates N - 1 tokens (default: N tokens).")
     # question answering
     question_column: Optional[str] = _arg(None, "QA: column of questions (default: question).")
     context_column: Optional[str] = _arg(None, "QA: column of contexts (default: context).")

@@ -34,12 +34,12 @@ from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
-from tasks.diagnostics import static_exit_metrics, write_diagnostics
+from tasks.diagnostics import check_plots_dirs, static_exit_metrics, write_diagnostics
 from util.additional_args import update_autoconfig
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
+TOKENIZER_PROBE = "The river flows past the mill."
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 SUMMED_COUNTS = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
 # flags that change how tokens are decoded: only the deploy decoder honours them
@@ -142,13 +142,16 @@ def _hub_advice(arg: str, source: str, what: str, error: Exception) -> str:
 def load_tokenizer(model_args):
     arg = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     source = model_args.tokenizer_name or model_args.model_name_or_path
-    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
-        raise ValueError(f"{arg} {source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the model's "
-                         "tokenizer files there or pass --tokenizer_name with a directory that has them.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     except Exception as error:  # transformers raises OSError, ValueError or Hub errors alike
         raise ValueError(_hub_advice(arg, source, "tokenizer", error)) from error
+    # decided by what loaded, not by file names (ByT5 saves no vocabulary file): a folder with a
+    # T5 config but no tokenizer files loads an empty T5 tokenizer that knows no word
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if not tokenizer.decode([i for i in ids if i != tokenizer.unk_token_id], skip_special_tokens=True).strip():
+        raise ValueError(f"{arg} {source} holds no tokenizer (the one it loads knows no word of {TOKENIZER_PROBE!r}): "
+                         "copy the model's tokenizer files there or pass --tokenizer_name with a directory that has them.")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
     return tokenizer
@@ -301,11 +304,23 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
     return texts, lengths, (exits if stats is not None else None)
 
 
+def new_token_budget(task, data_args, training_args) -> int:
+    """Tokens to generate: the generated length itself (max_new_tokens), or one less with
+    --length_counts_start_token (HF's max_length, which FREE's QA evaluation passes)."""
+    length = training_args.generation_max_length or task.lengths(data_args)[2]
+    if not data_args.length_counts_start_token:
+        return length
+    if length < 2:
+        raise ValueError(f"--length_counts_start_token: a generated length of {length} counting the start token "
+                         "leaves no token to generate; give at least 2.")
+    return length - 1
+
+
 def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, data_args, training_args,
                    additional_args, stats: Optional[ExitStatsTotals] = None) -> Tuple[dict, List[dict]]:
     """Metrics (without prefix) and prediction records of one split (exit statistics into `stats`)."""
     deploy = additional_args.deploy_scenario
-    source_length, _, generated_length = task.lengths(data_args)
+    source_length = task.lengths(data_args)[0]
     rows = list(raw_split.dataset)
     sources = [task.source_text(r, data_args) for r in rows]
     if deploy and stats is None:
@@ -313,7 +328,7 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     began = time.perf_counter()
     texts, lengths, exits = generate_predictions(
         model, tokenizer, sources, source_length,
-        max_new_tokens=training_args.generation_max_length or generated_length,
+        max_new_tokens=new_token_budget(task, data_args, training_args),
         num_beams=training_args.generation_num_beams or 1,
         batch_size=training_args.per_device_eval_batch_size,
         stats=stats,
@@ -390,10 +405,14 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     check_run_arguments(training_args, additional_args)
     splits = wanted_splits(training_args)
     check_data_arguments(data_args, splits)
+    new_token_budget(task, data_args, training_args)  # a length that leaves nothing to generate fails here
     output_dir = training_args.output_dir
     # under torchrun / accelerate launch, process 0 alone checks and writes output_dir and evaluates
     main_process = training_args.process_index == 0
     check_output_dir(output_dir, data_args.overwrite_output_dir or not main_process)
+    if additional_args.plotting_logits or additional_args.render_jsds:
+        check_plots_dirs(output_dir, [SPLIT_PREFIX[s] for s in splits if s != "train"],
+                         data_args.overwrite_output_dir or not main_process)
     tokenizer = load_tokenizer(model_args)
     config = load_config(model_args, tokenizer, additional_args)
     raw = load_raw_splits(data_args, splits, model_args.cache_dir)

@@ -33,6 +33,9 @@ INTERMEDIATE_LOSSES = (
     "shallowdeep_kd_last",
     "shallowdeep_kd_unif",
     "shallowdeep_kd_dyna",
+    "shallowdeep_kl_last",
+    "shallowdeep_kl_unif",
+    "shallowdeep_kl_dyna",
 )
 
 
@@ -51,8 +54,8 @@ class AdditionalArguments:
     # training intermediate layers
     output_hidden_states_decoder: bool = _flag(False, "Output every decoder layer's hidden state, to train intermediate exits.")
     intermediate_loss_fn: Optional[str] = _flag(None, f"Loss on intermediate layers: one of {', '.join(INTERMEDIATE_LOSSES)}.")
-    distill_layer_alpha: Optional[float] = _flag(None, "Interpolation between cross-entropy and KL distillation, in [0, 1].")
-    do_layer_transformation: bool = _flag(False, "Transform the shallow decoder's hidden states before distillation.")
+    distill_layer_alpha: Optional[float] = _flag(None, "Weight of distillation, in [0, 1]: CE + alpha KD (shallowdeep_kd_*), (1 - alpha) CE + alpha KL (shallowdeep_kl_*).")
+    do_layer_transformation: bool = _flag(False, "A learnt map T on the shallow decoder's (student) hidden states in the distillation term.")
 
     # static exit
     static_exit_layer: Optional[int] = _flag(None, "Every token leaves after this decoder block (1..L).")
@@ -152,12 +155,12 @@ def _check_intermediate_loss(args) -> None:
     name = args.intermediate_loss_fn
     if name.startswith("shallowdeep") and args.shallow_exit_layer is None:
         raise ValueError(f"intermediate_loss_fn={name!r} needs shallow_exit_layer (1..L-1).")
-    distils = name.startswith("shallowdeep_kd")
+    distils = name.startswith(("shallowdeep_kd", "shallowdeep_kl"))
     if distils and args.distill_layer_alpha is None:
         raise ValueError(f"intermediate_loss_fn={name!r} needs distill_layer_alpha in [0, 1].")
     if not distils and (args.distill_layer_alpha is not None or args.do_layer_transformation):
-        raise ValueError(f"distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* "
-                         f"intermediate_loss_fn, not {name!r}.")
+        raise ValueError(f"distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* or "
+                         f"shallowdeep_kl_* intermediate_loss_fn, not {name!r}.")
 
 
 def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int) -> None:
@@ -191,6 +194,9 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             raise ValueError("use_early_exit and use_shallow_deep are exclusive: choose one exit policy.")
     elif args.exit_min_layer is not None or args.exit_position_temp is not None:
         raise ValueError("exit_min_layer and exit_position_temp only act with use_early_exit=True.")
+    elif args.exit_conf_type is not None:
+        raise ValueError(f"exit_conf_type={args.exit_conf_type!r} only acts with use_early_exit=True "
+                         "(shallow-deep decoding reads shallow2deep_conf_type).")
     if args.static_exit_layer is not None and (args.use_early_exit or args.use_shallow_deep):
         raise ValueError("static_exit_layer cannot be combined with use_early_exit or use_shallow_deep.")
     if args.use_shallow_deep:
@@ -220,7 +226,8 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             raise ValueError("intermediate_loss_fn needs output_hidden_states_decoder=True.")
         _check_intermediate_loss(args)
     elif args.distill_layer_alpha is not None or args.do_layer_transformation:
-        raise ValueError("distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* intermediate_loss_fn.")
+        raise ValueError("distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* or "
+                         "shallowdeep_kl_* intermediate_loss_fn.")
     if args.train_meta_cm_head:
         if not args.output_hidden_states_decoder:
             raise ValueError("train_meta_cm_head needs output_hidden_states_decoder=True.")
@@ -229,18 +236,51 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
     if args.type_vocab_reduct is not None:
         if args.type_vocab_reduct not in VOCAB_REDUCTION_TYPES:
             raise ValueError(f"type_vocab_reduct={args.type_vocab_reduct!r} is unknown; allowed values: {', '.join(VOCAB_REDUCTION_TYPES)}.")
-        if not (args.use_early_exit or args.use_shallow_deep):
-            raise ValueError("type_vocab_reduct needs a confidence-based exit: set use_early_exit or use_shallow_deep.")
-    if args.render_jsds and "JSD_contrastive_confidence" not in (args.exit_conf_type, args.shallow2deep_conf_type):
-        raise ValueError("render_jsds records the JSD measure: set exit_conf_type=JSD_contrastive_confidence.")
+        if args.use_shallow_deep:
+            # shallow-deep checks one layer, k, which is also the start layer: its head is the full one
+            raise ValueError("type_vocab_reduct has no effect with use_shallow_deep: its only check, at "
+                             "shallow_exit_layer, is the start layer, where the full head is computed.")
+        if not args.use_early_exit:
+            raise ValueError("type_vocab_reduct needs early exit: set use_early_exit.")
+    active = active_conf_type(args)
+    if args.render_jsds and active != "JSD_contrastive_confidence":
+        raise ValueError(f"render_jsds records the JSD measure, but the active confidence measure is {active!r}: "
+                         "set exit_conf_type (with use_early_exit) or shallow2deep_conf_type (with use_shallow_deep) "
+                         "to JSD_contrastive_confidence.")
+    if args.use_adapt_threshold and args.plotting_logits:
+        raise ValueError("use_adapt_threshold cannot be combined with plotting_logits: traces run every layer of "
+                         "every token, so no shallow exit and no deep pass labels the estimator.")
+    if args.vocab_rerank and active_conf_type(args) in ("meta", "state"):
+        raise ValueError(f"vocab_rerank re-orders the retained set by each layer's scores, which the "
+                         f"{active_conf_type(args)!r} measure never computes: use softmax or a contrastive measure.")
     if args.vocab_rerank and args.type_vocab_reduct is None:
         raise ValueError("vocab_rerank re-ranks a reduced vocabulary: set type_vocab_reduct too.")
-    if args.emit_contrastive_token and not any(
-            t in SMALLEST_CHECKED_LAYER for t in (args.exit_conf_type, args.shallow2deep_conf_type)):
-        raise ValueError("emit_contrastive_token needs a contrastive exit_conf_type.")
+    if args.emit_contrastive_token and active not in SMALLEST_CHECKED_LAYER:
+        raise ValueError(f"emit_contrastive_token needs a contrastive measure as the active one (exit_conf_type with "
+                         f"use_early_exit, or shallow2deep_conf_type with use_shallow_deep); it is {active!r}.")
     for name, is_on in _NOT_IMPLEMENTED.items():
         if is_on(args):
             raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
+
+
+def active_conf_type(args) -> Optional[str]:
+    """The confidence measure the decoder will compute: exit_conf_type under early exit,
+    shallow2deep_conf_type under shallow-deep, None otherwise."""
+    if args.use_early_exit:
+        return args.exit_conf_type
+    if args.use_shallow_deep:
+        return args.shallow2deep_conf_type
+    return None
+
+
+def uses_meta_head(config) -> bool:
+    """Whether a model with these flags (a config or AdditionalArguments) carries the meta head:
+    the one rule both the training and the deploy model build it by."""
+    return (
+        getattr(config, "exit_conf_type", None) == "meta"
+        or getattr(config, "shallow2deep_conf_type", None) == "meta"
+        or bool(getattr(config, "train_meta_cm_head", False))
+    )
 
 
 def uses_parallel_decoding(args) -> bool:
