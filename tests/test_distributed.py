@@ -221,7 +221,7 @@ def test_sweep_over_two_processes_equals_one_and_resumes(toys, tmp_path, capsys)
 
 # ----- errors, before any work ------------------------------------------------------------------------
 def test_more_processes_than_samples_or_cells_is_refused(monkeypatch):
-    with pytest.raises(ValueError, match="the validation split has only 3 samples: launch at most 3 processes"):
+    with pytest.raises(ValueError, match=r"the validation split has only 3 sample\(s\): launch at most 3 process\(es\)"):
         distributed.check_split_sizes(4, {"validation": 3})
     distributed.check_split_sizes(3, {"validation": 3, "test": 5})
     monkeypatch.setenv("WORLD_SIZE", "7")

@@ -72,8 +72,8 @@ def check_split_sizes(processes: int, sizes: Dict[str, int]) -> None:
     """Every process needs at least one sample of every evaluated split."""
     for split, size in sizes.items():
         if processes > size:
-            raise ValueError(f"launched as {processes} processes, but the {split} split has only {size} samples: "
-                             f"launch at most {size} processes (torchrun --nproc_per_node, accelerate launch "
+            raise ValueError(f"launched as {processes} processes, but the {split} split has only {size} sample(s): "
+                             f"launch at most {size} process(es) (torchrun --nproc_per_node, accelerate launch "
                              "--num_processes) or evaluate more samples.")
 
 

@@ -286,6 +286,7 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     sources = [task.source_text(r, data_args) for r in rows]
     if deploy and stats is None:
         stats = ExitStatsTotals()
+    distributed.barrier(training_args)  # several processes start decoding together: runtime is the slowest's
     began = time.perf_counter()
     # under torchrun / accelerate launch each process decodes a shard; all get every result, in order
     texts, lengths, exits, per_process = distributed.generate_in_shards(
