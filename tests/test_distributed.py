@@ -125,6 +125,8 @@ def eval_jobs(toys, root):
                   *TASK_ARGS[task], "--max_eval_samples", str(SAMPLES), "--use_cpu", "True", "--disable_tqdm", "True"]
         if task == "summarization":
             common += ["--test_file", toy["data"], "--do_predict", "--max_predict_samples", str(SAMPLES)]
+        if task == "translation":  # the deploy decoder, 2 rows at once: shards of whole batches
+            common += ["--per_device_eval_batch_size", "2"]
         jobs.append((task, common + EARLY_EXIT + ["--output_dir", str(root / f"{task}_deploy")]))
     qa = toys["qa"]
     jobs.append(("qa", ["--model_name_or_path", qa["model"], "--validation_file", qa["data"], "--do_eval",
@@ -154,11 +156,11 @@ def test_evaluation_over_two_processes_equals_one(toys, tmp_path):
             # the comparison means something: the samples' predictions differ, and (deploy) so do exits
             records = [json.loads(line) for line in lines.splitlines()]
             assert len(records) == SAMPLES and len({r["prediction"] for r in records}) > 1, (name, records)
-            batch = 1 if "--deploy_scenario" in argv else 2
+            batch = 2 if "--per_device_eval_batch_size" in argv else 1
             assert two[f"{prefix}_processes"] == 2
-            assert two[f"{prefix}_samples_per_process"] == [3 if batch == 1 else 4, 2 if batch == 1 else 1]
+            assert two[f"{prefix}_samples_per_process"] == ([3, 2] if batch == 1 else [4, 1])  # 3 batches of 2
             assert len(two[f"{prefix}_runtime_per_process"]) == 2
-            if batch == 1:
+            if "--deploy_scenario" in argv:
                 layers = {layer for r in records for layer in r["exit_layers"]}
                 assert len(layers) > 1 and one[f"{prefix}_flops_total"] > 0, (name, layers)
                 # the summed decoding time is the sum of the processes' own
