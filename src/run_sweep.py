@@ -12,6 +12,8 @@ nothing finished is lost. Cells whose flags are invalid for the model (for examp
 measure below its smallest layer) are reported and skipped. The full model and a static exit at
 each of `--static_layers` are added as reference cells. The table (`sweep.csv`, `sweep.md`) and
 the Pareto plots of quality against block_avg, FLOPs and wall time go to `<output_dir>/`.
+Launched as N processes (`torchrun --nproc_per_node N src/run_sweep.py ...`, or `accelerate
+launch --num_processes N`), each process runs whole cells and process 0 writes the report.
 """
 
 import argparse
@@ -21,11 +23,9 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from tqdm import tqdm
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tasks import runner  # noqa: E402
+from tasks import distributed, runner  # noqa: E402
 from tasks.adapters import QuestionAnswering, Summarization, Translation  # noqa: E402
 from util import methods  # noqa: E402
 from util.pareto import write_pareto_report  # noqa: E402
@@ -113,18 +113,30 @@ def run_cell(task, task_argv, cell_dir, flags, batch_size: int = 1) -> Optional[
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args, task_argv = parse(argv)
     task_class = TASKS[args.task]
-    rows, skipped = [], {}
     cells = grid(args)
-    for name, flags in tqdm(cells.items(), desc="sweep cells"):
-        cell_dir = os.path.join(args.output_dir, "cells", name)
+
+    def cell_dir(name):
+        return os.path.join(args.output_dir, "cells", name)
+
+    def outcome(name):
+        flags = cells[name]
         try:
-            results = run_cell(task_class(), task_argv, cell_dir, flags, args.batch_size)
+            results = run_cell(task_class(), task_argv, cell_dir(name), flags, args.batch_size)
+            return "row", cell_row(name, flags, results)
         except ValueError as error:
             if not flags:  # the full model has no method flags: its error is about the model or data
                 raise
-            skipped[name] = str(error)  # flags invalid for this model: report, keep sweeping
-            continue
-        rows.append(cell_row(name, flags, results))
+            return "skipped", str(error)  # flags invalid for this model: report, keep sweeping
+
+    # under torchrun / accelerate launch each process runs whole cells; process 0 gets every outcome
+    def finished(name):
+        return os.path.isfile(os.path.join(cell_dir(name), "eval_results.json"))  # as run_cell decides
+
+    outcomes = distributed.run_cells(list(cells), outcome, finished)
+    if outcomes is None:
+        return []  # not process 0: the report is process 0's
+    rows = [value for kind, value in outcomes.values() if kind == "row"]
+    skipped = {name: value for name, (kind, value) in outcomes.items() if kind == "skipped"}
     if skipped:
         print("skipped cells:\n" + "\n".join(f"  {name}: {why}" for name, why in skipped.items()))
     write_pareto_report(rows, args.output_dir, quality_key=task_class.main_metric, cost_keys=COSTS,

@@ -113,7 +113,7 @@ def test_several_processes_without_ddp_are_refused(toy, tmp_path, monkeypatch):
         runner.run(QuestionAnswering(), train_argv(toy, tmp_path / "no_ddp"))
 
 
-def test_torchrun_trains_two_cpu_processes_with_ddp(toy, tmp_path):
+def test_torchrun_trains_two_cpu_processes_with_ddp_then_both_evaluate(toy, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.isfile(torchrun):
         pytest.skip(f"torchrun not found next to {sys.executable}")
@@ -121,7 +121,9 @@ def test_torchrun_trains_two_cpu_processes_with_ddp(toy, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "src", "run_question_answering.py"),
                *train_argv(toy, out, "--use_cpu", "True", "--output_hidden_states_decoder", "True",
-                           "--intermediate_loss_fn", "weighted_ce")]
+                           "--intermediate_loss_fn", "weighted_ce", "--validation_file", toy["train_file"],
+                           "--do_eval", "--max_eval_samples", "5", "--max_answer_length", "4",
+                           "--deploy_scenario", "True")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     if done.returncode != 0 and "errno" in done.stderr.lower() and "socket" in done.stderr.lower():
         pytest.skip(f"torchrun could not open its rendezvous socket here: {done.stderr[-300:]}")
@@ -130,4 +132,8 @@ def test_torchrun_trains_two_cpu_processes_with_ddp(toy, tmp_path):
     # 2 steps x 4 rows x 2 processes = 16 of the 40 rows: the processes shared the epoch (DDP)
     assert results["train_epoch"] == pytest.approx(0.4)
     assert os.path.isfile(out / "model.safetensors")
+    # then each process evaluated its shard of the trained model (saved by process 0 before either loaded it)
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert evaluation["eval_samples"] == 5 and evaluation["eval_samples_per_process"] == [3, 2]
+    assert len((out / "eval_predictions.jsonl").read_text().splitlines()) == 5
     shutil.rmtree(out)

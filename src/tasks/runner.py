@@ -9,6 +9,7 @@ quality, or (`--deploy_scenario True`) the early-exit decoder one sample at a ti
 reports speed and exit statistics.
 """
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from models.deploying_t5 import DeployT5ForConditionalGeneration
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
+from tasks import distributed
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
 from tasks.diagnostics import check_plots_dirs, static_exit_metrics, write_diagnostics
@@ -100,10 +102,11 @@ def check_run_arguments(training_args, additional_args) -> None:
                                  "(batched evaluation would ignore it).")
     if training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy must stay 'no': evaluation runs after training, with --do_eval.")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = distributed.launched_processes()
     if processes > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
-        raise ValueError(f"launched as {processes} processes, but the Trainer would not join them (DDP): "
-                         "without a GPU, pass --use_cpu True so that they train together over gloo.")
+        raise ValueError(f"launched as {processes} processes, but they would not join one process group: "
+                         "without a GPU, pass --use_cpu True so that they train and evaluate together over gloo.")
+    distributed.check_arguments(processes, training_args, additional_args)
 
 
 def run_files(output_dir: str) -> List[str]:
@@ -280,7 +283,7 @@ def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
 
 def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
                          num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
-                         show_progress: bool = True, exit_args=None):
+                         show_progress: bool = True, exit_args=None, desc: str = "Generating", position: int = 0):
     """(texts, generated lengths, exit layers per sample or None) for every source, in order.
 
     With `stats`, each call's exit_stats are collected (the deploy model, decoding with the flags
@@ -289,7 +292,8 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
     """
     options = {} if exit_args is None else {"exit_args": exit_args}
     texts, lengths, exits = [], [], []
-    for start in tqdm(range(0, len(sources), batch_size), desc="Generating", unit="batch", disable=not show_progress):
+    for start in tqdm(range(0, len(sources), batch_size), desc=desc, unit="batch", position=position,
+                      disable=not show_progress):
         batch = tokenizer(sources[start : start + batch_size], max_length=source_length, truncation=True,
                           padding=True, return_tensors="pt").to(model.device)
         with torch.inference_mode():
@@ -325,15 +329,19 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     sources = [task.source_text(r, data_args) for r in rows]
     if deploy and stats is None:
         stats = ExitStatsTotals()
+    distributed.barrier(training_args)  # several processes start decoding together: runtime is the slowest's
     began = time.perf_counter()
-    texts, lengths, exits = generate_predictions(
-        model, tokenizer, sources, source_length,
+    # under torchrun / accelerate launch each process decodes a shard; all get every result, in order
+    texts, lengths, exits, per_process = distributed.generate_in_shards(
+        functools.partial(generate_predictions, model, tokenizer), sources,
+        source_length=source_length,
         max_new_tokens=new_token_budget(task, data_args, training_args),
         num_beams=training_args.generation_num_beams or 1,
         batch_size=training_args.per_device_eval_batch_size,
         stats=stats,
         show_progress=not training_args.disable_tqdm,
         exit_args=additional_args if deploy else None,
+        processes=distributed.num_processes(training_args), rank=distributed.process_index(training_args),
     )
     runtime = time.perf_counter() - began
 
@@ -346,6 +354,7 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     if stats is not None:
         metrics.update(stats.metrics())
         metrics["tokens_per_second"] = stats.tokens / runtime
+    metrics.update(per_process)  # several processes: samples and seconds of each
 
     records = []
     for i, (row, text) in enumerate(zip(rows, texts)):
@@ -407,8 +416,8 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     check_data_arguments(data_args, splits)
     new_token_budget(task, data_args, training_args)  # a length that leaves nothing to generate fails here
     output_dir = training_args.output_dir
-    # under torchrun / accelerate launch, process 0 alone checks and writes output_dir and evaluates
-    main_process = training_args.process_index == 0
+    # under torchrun / accelerate launch, process 0 alone checks and writes output_dir
+    main_process = distributed.process_index(training_args) == 0
     check_output_dir(output_dir, data_args.overwrite_output_dir or not main_process)
     if additional_args.plotting_logits or additional_args.render_jsds:
         check_plots_dirs(output_dir, [SPLIT_PREFIX[s] for s in splits if s != "train"],
@@ -420,6 +429,8 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     for name, raw_split in raw.items():
         with_references[name] = task.check_columns(raw_split, data_args)
         task.check_rows(raw_split, data_args, with_references[name])
+    distributed.check_split_sizes(distributed.launched_processes(),
+                                  {name: len(raw[name].dataset) for name in raw if name != "train"})
     if main_process:
         prepare_output_dir(output_dir)  # every input is valid: only now is anything written
         save_run_config(output_dir, task, argv, model_args, data_args, training_args, additional_args)
@@ -428,11 +439,11 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     results, model_path = {}, model_args.model_name_or_path
     if "train" in raw:
         metrics = train(task, model_args, data_args, training_args, config, tokenizer, raw["train"])
-        if not main_process:
-            return results
-        results.update(save_results(output_dir, "train", metrics))
+        if main_process:
+            results.update(save_results(output_dir, "train", metrics))
+        distributed.barrier(training_args)  # process 0 has saved the model the others load
         model_path = output_dir
-    evaluated = [s for s in ("validation", "test") if s in raw and main_process]
+    evaluated = [s for s in ("validation", "test") if s in raw]  # every process decodes its shard
     if evaluated:
         model = load_eval_model(model_path, config, additional_args.deploy_scenario, model_args, training_args.device)
         for split in evaluated:
@@ -446,6 +457,8 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
                                                 training_args, args)[0],
                     model, task.main_metric)
                 metrics[f"static_exit_{task.main_metric}"] = [static[layer] for layer in sorted(static)]
+            if not main_process:
+                continue
             results.update(save_results(output_dir, SPLIT_PREFIX[split], metrics, records))
             if stats is not None and (stats.layer_traces or stats.jsd_steps):
                 write_diagnostics(output_dir, SPLIT_PREFIX[split], stats.layer_traces, stats.jsd_steps, static,
