@@ -38,23 +38,23 @@ def model_and_data(train_steps: int, train_contexts: int):
             f"the demo's shape trained {train_steps} steps on {settings.train_contexts} contexts")
 
 
-def sweep_arguments(out: str, model: Path, data: Path, samples: int):
-    return ["--task", "qa", "--output_dir", out, "--thresholds", "0.5,0.9", "--conf_types", "softmax",
-            "--reductions", "none,fixed", "--min_layers", "1", "--static_layers", "3", "--",
+def sweep_arguments(out: str, model: Path, data: Path, samples: int, thresholds: str, reductions: str):
+    return ["--task", "qa", "--output_dir", out, "--thresholds", thresholds, "--conf_types", "softmax",
+            "--reductions", reductions, "--min_layers", "1", "--static_layers", "3", "--",
             "--model_name_or_path", str(model), "--validation_file", str(data), "--max_eval_samples", str(samples),
             "--max_seq_length", "128", "--max_answer_length", "16", "--use_cpu", "True", "--disable_tqdm", "True"]
 
 
-def variants(processes: int):
+def variants(processes: int, with_threads: bool):
     """name -> (command prefix, OMP_NUM_THREADS)."""
     script = str(ROOT / "src" / "run_sweep.py")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return {
-        "1 process, 1 thread": ([sys.executable, script], 1),
-        f"1 process, {processes} threads": ([sys.executable, script], processes),
-        f"{processes} processes, 1 thread each": (
-            [torchrun, "--standalone", "--nproc_per_node", str(processes), script], 1),
-    }
+    chosen = {"1 process, 1 thread": ([sys.executable, script], 1)}
+    if with_threads:
+        chosen[f"1 process, {processes} threads"] = ([sys.executable, script], processes)
+    chosen[f"{processes} processes, 1 thread each"] = (
+        [torchrun, "--standalone", "--nproc_per_node", str(processes), script], 1)
+    return chosen
 
 
 def table(folder: str):
@@ -67,7 +67,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max_eval_samples", type=int, default=40)
+    parser.add_argument("--max_eval_samples", type=int, default=150)
+    parser.add_argument("--thresholds", default="0.3,0.5,0.7,0.9", help="the sweep's (with full and static-3)")
+    parser.add_argument("--reductions", default="none,fixed,decaying", help="the sweep's")
+    parser.add_argument("--skip_threads", action="store_true", help="leave out 1 process with N threads")
     parser.add_argument("--train_steps", type=int, default=60, help="without the demo's cache: training steps")
     parser.add_argument("--train_contexts", type=int, default=500, help="without the demo's cache: training contexts")
     args = parser.parse_args()
@@ -76,11 +79,12 @@ def main():
     seconds, tables = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
-            for name, (command, threads) in variants(args.processes).items():
+            for name, (command, threads) in variants(args.processes, not args.skip_threads).items():
                 out = os.path.join(scratch, f"{round_index}-{len(seconds.get(name, []))}-{abs(hash(name))}")
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
                 began = time.perf_counter()
-                done = subprocess.run(command + sweep_arguments(out, model, data, args.max_eval_samples),
+                done = subprocess.run(command + sweep_arguments(out, model, data, args.max_eval_samples, args.thresholds,
+                                                                 args.reductions),
                                       env=env, capture_output=True, text=True)
                 elapsed = time.perf_counter() - began
                 if done.returncode != 0:

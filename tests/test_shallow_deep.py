@@ -139,7 +139,13 @@ def test_non_causal_parallel_mask_runs_and_all_deep_still_equals_the_full_model(
     full, _ = decode(copy_model, input_ids)
     assert decode(copy_model, input_ids, **free_flags(1.0, parallel_causal_mask=False))[0] == full
     tokens, stats = decode(copy_model, input_ids, **free_flags(0.5, parallel_causal_mask=False))
-    assert len(tokens) > 1 and stats["tokens"] == len(tokens) - 1
+    causal_tokens, causal_stats = decode(copy_model, input_ids, **free_flags(0.5))
+    exits, causal_exits = stats["exit_layers"][0], causal_stats["exit_layers"][0]
+    assert stats["tokens"] == len(tokens) - 1 == len(exits)
+    # the mask only acts inside a parallel pass: up to the first one, both runs are the same
+    first = next(t for t in range(1, len(causal_exits)) if causal_exits[t] == L and causal_exits[t - 1] == SHALLOW)
+    assert stats["parallel_tokens"] > 0 and causal_stats["parallel_tokens"] > 0
+    assert tokens[: first + 1] == causal_tokens[: first + 1] and exits[:first] == causal_exits[:first]
 
 
 # ----- the adaptive threshold ----------------------------------------------------------------------
