@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from tasks import runner  # noqa: E402
+from tasks import distributed, runner  # noqa: E402
 from tasks.adapters import QuestionAnswering, Summarization, Translation  # noqa: E402
 
 TASKS = {"qa": QuestionAnswering, "summarization": Summarization, "translation": Translation}
@@ -20,3 +20,4 @@ if __name__ == "__main__":
         jobs = json.load(handle)
     for task, argv in jobs:
         runner.run(TASKS[task](), argv)
+    distributed.close()

@@ -470,3 +470,4 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
 def main(task, argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run(task, argv)
+    distributed.close()  # under torchrun / accelerate launch: before the process exits
