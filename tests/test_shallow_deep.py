@@ -285,3 +285,23 @@ def test_after_its_last_refit_the_estimator_is_not_fed_and_decoding_is_unchanged
 def test_bad_free_flags_raise_clear_errors(copy_model, flags, message):
     with pytest.raises(ValueError, match=message):
         set_flags(copy_model, **flags)
+
+
+def test_block_avg_free_is_frees_accounting_by_hand():
+    from models.results import RowResult, merge_rows
+
+    # k = 3, L = 4: two shallow tokens (3 blocks each), one deep token that recomputed both (3 + 2 x 1)
+    row = RowResult(tokens=[0, 5, 6, 7], exit_layers=[3, 3, 4], block_runs=[3, 3, 3, 3], parallel_tokens=2)
+    stats = merge_rows([row], 4, shallow_layer=3)
+    assert stats["block_avg_free"] == (3 + 3 + 4) / 3
+    assert stats["block_avg"] == 12 / 3  # ours: the parallel recomputation is counted
+    assert (stats["shallow_tokens"], stats["deep_tokens"], stats["parallel_tokens"]) == (2, 1, 2)
+
+
+def test_block_avg_free_counts_shallow_tokens_k_and_deep_tokens_l_while_decoding(copy_model):
+    input_ids = copy_inputs(2, count=1)[0]
+    _, stats = decode(copy_model, input_ids, **free_flags(0.6))
+    assert stats["shallow_tokens"] > 0 and stats["parallel_tokens"] > 0
+    free = (SHALLOW * stats["shallow_tokens"] + L * stats["deep_tokens"]) / stats["tokens"]
+    assert stats["block_avg_free"] == pytest.approx(free)
+    assert stats["block_avg"] > stats["block_avg_free"]  # FREE leaves the recomputed positions out

@@ -9,7 +9,7 @@ from tasks.runner import ExitStatsTotals, check_output_dir, model_class, prepare
 
 def _stats(layers, **extra):
     """exit_stats of one generate call whose tokens exited at `layers` (2-layer decoder)."""
-    return {"tokens": len(layers), "block_avg": sum(layers) / len(layers),
+    return {"tokens": len(layers), "block_avg": sum(layers) / len(layers) + 0.5, "block_avg_free": sum(layers) / len(layers),
             "block_op": [len(layers), sum(1 for x in layers if x == 2)],
             "exit_layer_counts": [layers.count(1), layers.count(2)], "exit_layers": [layers],
             "time_total": 0.5, "time_blocks": 0.25, **extra}
@@ -20,7 +20,8 @@ def test_exit_stats_are_token_weighted_and_summed():
     totals.add(_stats([1, 1, 1, 2]))  # 4 tokens, mean 1.25
     totals.add(_stats([2, 2]))  # 2 tokens, mean 2
     out = totals.metrics()
-    assert out["block_avg"] == pytest.approx(9 / 6)  # not the mean of means (1.625)
+    assert out["block_avg"] == pytest.approx(9 / 6 + 0.5)  # not the mean of means (1.625 + 0.5)
+    assert out["block_avg_free"] == pytest.approx(9 / 6)
     assert out["block_op"] == [6, 3]
     assert out["exit_layer_counts"] == [3, 3]
     assert out["tokens"] == 6

@@ -229,6 +229,7 @@ class ExitStatsTotals:
         self.samples = 0
         self.tokens = 0
         self.weighted_blocks = 0.0
+        self.weighted_blocks_free = 0.0  # FREE's accounting (exit layer per token)
         self.block_op: List[int] = []
         self.exit_layer_counts: List[int] = []
         self.sums = defaultdict(float)  # time_* and flops_* figures, FREE's token counts
@@ -240,6 +241,7 @@ class ExitStatsTotals:
         self.samples += len(stats["exit_layers"])  # one call decodes a batch of samples
         self.tokens += stats["tokens"]
         self.weighted_blocks += stats["block_avg"] * stats["tokens"]  # block_avg is per token
+        self.weighted_blocks_free += stats["block_avg_free"] * stats["tokens"]
         self.block_op = _add_lists(self.block_op, stats["block_op"])
         self.exit_layer_counts = _add_lists(self.exit_layer_counts, stats["exit_layer_counts"])
         for key, value in stats.items():
@@ -255,6 +257,7 @@ class ExitStatsTotals:
     def metrics(self) -> dict:
         out = {
             "block_avg": self.weighted_blocks / self.tokens if self.tokens else 0.0,
+            "block_avg_free": self.weighted_blocks_free / self.tokens if self.tokens else 0.0,
             "block_op": self.block_op,
             "exit_layer_counts": self.exit_layer_counts,
             "tokens": self.tokens,
