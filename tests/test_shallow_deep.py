@@ -291,8 +291,9 @@ def test_block_avg_free_is_frees_accounting_by_hand():
     from models.results import RowResult, merge_rows
 
     # k = 3, L = 4: two shallow tokens (3 blocks each), one deep token that recomputed both (3 + 2 x 1)
-    row = RowResult(tokens=[0, 5, 6, 7], exit_layers=[3, 3, 4], block_runs=[3, 3, 3, 3], parallel_tokens=2)
-    stats = merge_rows([row], 4, shallow_layer=3)
+    row = RowResult(tokens=[0, 5, 6, 7], exit_layers=[3, 3, 4], block_runs=[3, 3, 3, 3],
+                    counts={"parallel_tokens": 2, "rollbacks": 0})
+    stats = merge_rows([row], 4, shallow_layer=3, counted=("parallel_tokens", "rollbacks"))
     assert stats["block_avg_free"] == (3 + 3 + 4) / 3
     assert stats["block_avg"] == 12 / 3  # ours: the parallel recomputation is counted
     assert (stats["shallow_tokens"], stats["deep_tokens"], stats["parallel_tokens"]) == (2, 1, 2)

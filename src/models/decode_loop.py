@@ -170,12 +170,15 @@ class Emit:
 
 
 @dataclass
-class Rollback:
-    """FREE's rollback: the token generated at input `position` is replaced by `token` (from the
-    deep pass) and everything after it is discarded."""
+class Replace:
+    """A deep pass re-decided a row's tail (FREE's rollback, self-speculation's verification):
+    keep its first `kept` tokens (the start token included), append `tokens` with their exit
+    layers; everything after is discarded and the caches forget positions >= kept."""
 
-    position: int
-    token: int
+    kept: int
+    tokens: List[int]
+    exit_layers: List[int]
+    jsd_step: Optional[dict] = None  # the record of this step's check, if it decided a kept token
 
 
 class RowState:
@@ -194,7 +197,7 @@ class RowState:
         """Input position of the next token."""
         return len(self.result.tokens) - 1
 
-    def apply(self, outcome, num_layers: int) -> None:
+    def apply(self, outcome) -> None:
         result = self.result
         if isinstance(outcome, Emit):
             result.tokens.append(outcome.token)
@@ -202,11 +205,12 @@ class RowState:
             if outcome.jsd_step is not None:
                 result.jsd_steps.append(outcome.jsd_step)
             return
-        p = outcome.position
-        result.tokens = result.tokens[: p + 1] + [outcome.token]
-        result.exit_layers = result.exit_layers[:p] + [num_layers]
-        result.jsd_steps = result.jsd_steps[: p + 1]  # the rejected token's check decided the position
-        result.rollbacks += 1
+        kept = outcome.kept
+        result.tokens = result.tokens[:kept] + outcome.tokens
+        result.exit_layers = result.exit_layers[: kept - 1] + outcome.exit_layers
+        # one record per token: a replaced token keeps the record of the check at its position
+        steps = result.jsd_steps + ([outcome.jsd_step] if outcome.jsd_step is not None else [])
+        result.jsd_steps = steps[: len(result.exit_layers)]
 
 
 TRACE_FIELDS = ("ranks", "confidences", "max_probs", "agrees", "exit_layers")
@@ -385,9 +389,9 @@ class BatchDecoder:
             outcomes = self.step(self)
             finished = []
             for i, (state, outcome) in enumerate(zip(self.live, outcomes)):
-                state.apply(outcome, L)
-                if isinstance(outcome, Rollback):  # resume after the corrected token
-                    self.cache.truncate(i, outcome.position + 1)
+                state.apply(outcome)
+                if isinstance(outcome, Replace):  # resume after the last kept token
+                    self.cache.truncate(i, outcome.kept)
                 tokens = state.result.tokens
                 if tokens[-1] in eos_ids or len(tokens) > self.max_new_tokens:
                     finished.append(i)

@@ -123,7 +123,8 @@ class EarlyExitGenerationMixin:
         for b, row in enumerate(rows):
             out[b, : len(row.tokens)] = torch.tensor(row.tokens, device=self.device)
 
-        stats = merge_rows(rows, num_layers, policy.max_checked_layer if free else None)
+        stats = merge_rows(rows, num_layers, policy.max_checked_layer if free else None,
+                           counted=step.counted if free else ())
         if free and args.use_adapt_threshold:
             stats["adaptive_threshold"] = self.threshold_estimator.threshold
         stats["time_total"] = total

@@ -18,8 +18,9 @@ class RowResult:
     flops: Optional[FlopCounter] = None
     trace: Optional[Dict[str, list]] = None  # plotting_logits: util.diagnostics.LayerTrace fields
     jsd_steps: List[dict] = field(default_factory=list)  # render_jsds: one per generated token
-    parallel_tokens: int = 0  # FREE: skipped positions recomputed by deep passes
-    rollbacks: int = 0
+    # counts of the method: FREE's parallel_tokens (skipped positions recomputed) and rollbacks,
+    # self-speculation's drafted_tokens, accepted_tokens, verify_passes, final_verifications
+    counts: Dict[str, int] = field(default_factory=dict)
     observations: List[Tuple[float, bool]] = field(default_factory=list)  # adaptive threshold labels
 
     @property
@@ -33,7 +34,8 @@ class RowResult:
         return sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else 0.0
 
 
-def merge_rows(rows: List[RowResult], num_layers: int, shallow_layer: Optional[int] = None) -> dict:
+def merge_rows(rows: List[RowResult], num_layers: int, shallow_layer: Optional[int] = None,
+               counted: Tuple[str, ...] = ()) -> dict:
     """exit_stats() of a call: totals over rows (README's keys) plus a `rows` list per row."""
     exits = [e for row in rows for e in row.exit_layers]
     count = len(exits)
@@ -49,8 +51,8 @@ def merge_rows(rows: List[RowResult], num_layers: int, shallow_layer: Optional[i
     if shallow_layer is not None:  # FREE's counts, of the tokens kept (rolled-back ones are gone)
         stats["shallow_tokens"] = exits.count(shallow_layer)
         stats["deep_tokens"] = exits.count(num_layers)
-        stats["parallel_tokens"] = sum(row.parallel_tokens for row in rows)
-        stats["rollbacks"] = sum(row.rollbacks for row in rows)
+    for name in counted:  # the method's work counts, summed over rows
+        stats[name] = sum(row.counts.get(name, 0) for row in rows)
     per_row = []
     for row in rows:
         figures = {"tokens": len(row.exit_layers), "block_avg": row.block_avg,

@@ -8,7 +8,7 @@ Rows needing the deep pass in the same step share it: each over its own position
 the longest and masked. With a rollback threshold, the deep predictions of the stacked
 positions are checked against the tokens the shallow path emitted: at the first whose
 cross-entropy passes the threshold, the token is replaced by the deep prediction and everything
-after it is discarded (returned as a `Rollback`, applied by the loop).
+after it is discarded (returned as a `Replace`, applied by the loop).
 
 With `copy_skipped_hidden_states` (or without `parallel_gen_token`) the skipped tokens' deep
 keys/values come from their copied layer-k state instead: that is the loop's `exit_step` with
@@ -20,12 +20,14 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from models.decode_loop import BatchDecoder, Emit, Rollback, output_logits
+from models.decode_loop import BatchDecoder, Emit, Replace, output_logits
 from models.flops import output_head_flops
 
 
 class ShallowDeepStep:
     """One token for every live row under FREE's shallow-deep policy."""
+
+    counted = ("parallel_tokens", "rollbacks")  # summed into exit_stats
 
     def __init__(self, threshold: float, rollback_threshold: Optional[float] = None, observing: bool = False,
                  causal: bool = True):
@@ -63,40 +65,28 @@ class ShallowDeepStep:
         if not deep:
             return outcomes
 
-        starts = [decoder.cache.filled[k][i] for i in deep]  # first position the deep blocks lack
-        lengths = [positions[i] - s + 1 for i, s in zip(deep, starts)]
-        deep_rows = decoder.select(deep, starts, lengths, causal=self.causal)
-        queries = torch.tensor(starts, dtype=torch.long, device=decoder.device)[:, None] + torch.arange(deep_rows.width, device=decoder.device)
-        queries = torch.minimum(queries, torch.tensor([positions[i] for i in deep], device=decoder.device)[:, None])
-        chunk = decoder.exit_states[deep_rows.index[:, None], queries]  # (R, n, d)
-        for j in range(k, L):
-            chunk = decoder.block(j, chunk, deep_rows)
-        # the skipped positions' deep predictions only serve the estimator's labels and rollback
         checks_skipped = self.observing or self.rollback_threshold is not None
-        if checks_skipped:
-            logits = output_logits(decoder.model, chunk)  # (R, n, V)
-            last = logits[torch.arange(len(deep)), torch.tensor(lengths) - 1]
-        else:
-            last = output_logits(decoder.model, chunk[torch.arange(len(deep)), torch.tensor(lengths) - 1])
-        if decoder.count_flops:
-            for i, n in zip(deep, lengths):
-                live[i].result.flops.blocks += output_head_flops(decoder.shape) * (n if checks_skipped else 1)
+        starts, lengths, logits = deep_pass(decoder, deep, positions, all_positions=checks_skipped,
+                                            causal=self.causal)
+        last = logits[torch.arange(len(deep)), torch.tensor(lengths) - 1] if checks_skipped else logits
         predictions = last.argmax(-1).tolist()
         mark = timer.add("blocks", mark)
         for d, (i, start, n) in enumerate(zip(deep, starts, lengths)):
             state = live[i]
-            state.result.parallel_tokens += n - 1
+            counts = state.result.counts
+            counts["parallel_tokens"] = counts.get("parallel_tokens", 0) + n - 1
             outcomes[i] = Emit(predictions[d], L, jsd[i])
             if self.observing:
                 state.result.observations.append((confidences[i], shallow[d] == predictions[d]))
             if checks_skipped and n > 1:
-                rollback = self._check_skipped(state, logits[d, : n - 1], start)
+                rollback = self._check_skipped(state, logits[d, : n - 1], start, L)
                 if rollback is not None:
                     outcomes[i] = rollback
+                    counts["rollbacks"] = counts.get("rollbacks", 0) + 1
         timer.add("head", mark)
         return outcomes
 
-    def _check_skipped(self, state, deep_logits: torch.Tensor, start: int) -> Optional[Rollback]:
+    def _check_skipped(self, state, deep_logits: torch.Tensor, start: int, L: int) -> Optional[Replace]:
         """Label the skipped tokens for the estimator; roll back at the first rejected one."""
         emitted = torch.tensor(state.result.tokens[start + 1 : start + 1 + deep_logits.shape[0]], device=deep_logits.device)
         if self.observing:
@@ -110,4 +100,30 @@ class ShallowDeepStep:
         if rejected.numel() == 0:
             return None
         offset = int(rejected[0, 0])
-        return Rollback(start + offset, int(deep_logits[offset].argmax()))
+        # keep tokens up to the rejected one's input position, then the deep prediction
+        return Replace(start + offset + 1, [int(deep_logits[offset].argmax())], [L])
+
+
+def deep_pass(decoder: BatchDecoder, rows: List[int], positions: List[int], all_positions: bool, causal: bool = True):
+    """Blocks k+1..L (k = the policy's checked layer) once over each row's stacked layer-k states,
+    from the first position its deep blocks lack up to its current one (positions[r]): FREE's
+    synchronized parallel pass, rows padded to the longest and masked. Returns (starts, lengths,
+    logits): the full head at every position (R, n, V) with `all_positions`, else at each row's
+    last position (R, V); its FLOPs are counted with the blocks."""
+    k, L = decoder.policy.max_checked_layer, decoder.policy.num_layers
+    device = decoder.device
+    starts = [decoder.cache.filled[k][r] for r in rows]
+    lengths = [positions[r] - s + 1 for r, s in zip(rows, starts)]
+    selection = decoder.select(rows, starts, lengths, causal=causal)
+    queries = torch.tensor(starts, device=device)[:, None] + torch.arange(selection.width, device=device)
+    queries = torch.minimum(queries, torch.tensor([positions[r] for r in rows], device=device)[:, None])
+    chunk = decoder.exit_states[selection.index[:, None], queries]  # (R, n, d)
+    for j in range(k, L):
+        chunk = decoder.block(j, chunk, selection)
+    if not all_positions:
+        chunk = chunk[torch.arange(len(rows)), torch.tensor(lengths) - 1]
+    logits = output_logits(decoder.model, chunk)
+    if decoder.count_flops:
+        for r, n in zip(rows, lengths):
+            decoder.live[r].result.flops.blocks += output_head_flops(decoder.shape) * (n if all_positions else 1)
+    return starts, lengths, logits
