@@ -24,6 +24,7 @@ from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from models.flops import Shape, encoder_flops
 from models.layer_scorer import LayerScorer
 from models.results import TIMED_COMPONENTS, merge_rows
+from models.self_speculation import SelfSpeculativeStep, speculation_rates
 from models.shallow_deep import ShallowDeepStep
 from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
 from util.additional_args import uses_meta_head as _uses_meta_head
@@ -107,7 +108,12 @@ class EarlyExitGenerationMixin:
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
         free = args.use_shallow_deep and uses_parallel_decoding(args) and not trace
-        step = self._shallow_deep_step(args) if free else None
+        if free and args.use_self_speculation:
+            step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids)
+        elif free:
+            step = self._shallow_deep_step(args)
+        else:
+            step = None
         decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
                                lazy_propagation=lazy_propagation, step=step)
         rows = decoder.run(input_ids, attention_mask, start, eos_ids)
@@ -127,6 +133,8 @@ class EarlyExitGenerationMixin:
                            counted=step.counted if free else ())
         if free and args.use_adapt_threshold:
             stats["adaptive_threshold"] = self.threshold_estimator.threshold
+        if free and args.use_self_speculation:
+            stats.update(speculation_rates(stats))
         stats["time_total"] = total
         for name in TIMED_COMPONENTS:
             stats[f"time_{name}"] = timer.seconds.get(name, 0.0)

@@ -1,0 +1,140 @@
+"""Self-speculative shallow-deep decoding: FREE's parallel deep pass used as a verifier, so that
+the output is exactly the full model's greedy output.
+
+The shallow decoder (blocks 1..k, k = shallow_exit_layer) drafts tokens while its confidence
+passes the threshold, at most `max_draft_tokens` in a row. The next position of that row (the
+first unconfident one, or the one after the last allowed draft) runs blocks 1..k and then blocks
+k+1..L once over every drafted position plus itself (FREE's synchronized causal pass, which also
+gives the deep caches the drafted positions' real states); the full head predicts at each. The
+drafts are kept up to the first one the full model disagrees with, which is replaced by the full
+model's token; everything after it is discarded (a `Replace`: tokens, exit layers and cache
+lengths truncated). When every draft is accepted, the current position's full prediction is one
+more token. Each emitted token is thus the full model's argmax given the tokens before it.
+
+A drafted end-of-sequence token, or a draft that reaches the length limit, is verified in the
+same step (a final verification): decoding never ends on an unverified token.
+
+Rows of a batch draft and verify on their own schedules; the rows verifying in a step share one
+deep pass (models.shallow_deep.deep_pass), each over its own positions.
+"""
+
+from typing import List, Optional
+
+import torch
+
+from models.decode_loop import BatchDecoder, Emit, Replace
+from models.shallow_deep import deep_pass
+
+COUNTS = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
+
+
+# ----- draft / verify / accept --------------------------------------------------------------------
+def accepted_lengths(drafted: torch.Tensor, full_predictions: torch.Tensor) -> torch.Tensor:
+    """Per row, how many leading drafted tokens the full model predicts too.
+
+    drafted (..., n): the drafted tokens; full_predictions (..., m), m >= n: the full model's
+    argmax at the positions that drafted them (column i predicts drafted[..., i]).
+    """
+    n = drafted.shape[-1]
+    agrees = drafted == full_predictions[..., :n]
+    return agrees.long().cumprod(-1).sum(-1)
+
+
+def speculation_rates(counts: dict) -> dict:
+    """The ratios of exit_stats(), from the summed counts."""
+    drafted, accepted, passes = (counts.get(name, 0) for name in ("drafted_tokens", "accepted_tokens", "verify_passes"))
+    return {"acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_accepted_per_pass": accepted / passes if passes else 0.0,
+            "mean_drafted_per_pass": drafted / passes if passes else 0.0}
+
+
+def expected_blocks_per_token(num_layers: int, acceptance_rate: float, drafted_per_pass: float) -> float:
+    """Cost model: a pass runs its n drafted positions and the current one through all L blocks
+    (discarded drafts included) and yields the a*n accepted drafts plus one full-model token,
+    so blocks per token = L (n + 1) / (a n + 1). Exact when no pass is a final verification."""
+    return num_layers * (drafted_per_pass + 1) / (acceptance_rate * drafted_per_pass + 1)
+
+
+def iid_blocks_per_token(num_layers: int, token_acceptance: float, draft_length: int) -> float:
+    """The same cost when every pass drafts n tokens and each is right with probability p on
+    its own: a pass yields (1 - p^(n+1)) / (1 - p) tokens on average (Leviathan et al. 2023)."""
+    p, n = token_acceptance, draft_length
+    tokens = n + 1 if p == 1 else (1 - p ** (n + 1)) / (1 - p)
+    return num_layers * (n + 1) / tokens
+
+
+def _count(state, name: str, value: int = 1) -> None:
+    state.result.counts[name] = state.result.counts.get(name, 0) + value
+
+
+class SelfSpeculativeStep:
+    """One step for every live row: a draft at layer k, or a verification pass."""
+
+    counted = COUNTS
+
+    def __init__(self, threshold: float, max_draft_tokens: int, eos_ids: set):
+        self.threshold = threshold
+        self.max_draft_tokens = max_draft_tokens
+        self.eos_ids = eos_ids  # a drafted end-of-sequence token must be verified before it ends
+
+    def __call__(self, decoder: BatchDecoder) -> list:
+        policy, scorer, timer = decoder.policy, decoder.scorer, decoder.timer
+        k, L = policy.max_checked_layer, policy.num_layers
+        live = decoder.live
+        positions = [state.position for state in live]
+        rows = decoder.select(list(range(len(live))), positions, [1] * len(live))
+        scorer.start_step(decoder.counters(rows.local))
+        hidden = decoder.embed(decoder.input_tokens())
+        mark = timer.now()
+        for j in range(k):
+            previous, hidden = hidden, decoder.block(j, hidden, rows)
+            scorer.remember(j + 1, hidden)
+        mark = timer.add("blocks", mark)
+        # every row's layer-k state is stacked: a verification pass reads the current one there
+        decoder.exit_states[rows.index, torch.tensor(positions, device=decoder.device)] = hidden[:, 0]
+        # at the draft limit the confidence is not needed: that position verifies anyway
+        checking = [i for i, t in enumerate(positions) if t - decoder.cache.filled[k][i] < self.max_draft_tokens]
+        drafting = []
+        if checking:
+            if len(checking) < len(live):
+                scorer.keep(checking)
+            index = torch.tensor(checking, device=decoder.device)
+            checked, before = hidden.index_select(0, index), previous.index_select(0, index)
+            confident = [c > self.threshold for c in scorer.confidence(k, checked, before)]
+            which = [n for n, yes in enumerate(confident) if yes]
+            if which:
+                drafts = scorer.predict(k, checked, which).tolist()
+                drafting = [(checking[n], token) for n, token in zip(which, drafts)]
+        mark = timer.add("confidence", mark)
+
+        outcomes = [None] * len(live)
+        verifying = {i: None for i in range(len(live))}  # row -> its final draft, if any
+        for i, token in drafting:
+            _count(live[i], "drafted_tokens")
+            if token in self.eos_ids or positions[i] + 1 >= decoder.max_new_tokens:
+                verifying[i] = token  # the sequence would end here: verify first
+            else:
+                outcomes[i] = Emit(token, k)
+                del verifying[i]
+        if verifying:
+            self._verify(decoder, list(verifying), verifying, positions, outcomes, k, L)
+        timer.add("head", mark)
+        return outcomes
+
+    def _verify(self, decoder, rows: List[int], final: dict, positions: List[int], outcomes: list, k: int, L: int):
+        """One deep pass over each row's pending drafts plus its current position; keep what the
+        full model agrees with, put its token after."""
+        starts, lengths, logits = deep_pass(decoder, rows, positions, all_positions=True)
+        predictions = logits.argmax(-1).tolist()  # (R, n): the full model's token after each position
+        for d, (i, start, n) in enumerate(zip(rows, starts, lengths)):
+            state, draft = decoder.live[i], final[i]
+            drafted = state.result.tokens[start + 1 :] + ([draft] if draft is not None else [])
+            full = predictions[d][:n]
+            accepted = int(accepted_lengths(torch.tensor(drafted), torch.tensor(full))) if drafted else 0
+            _count(state, "accepted_tokens", accepted)
+            _count(state, "verify_passes")
+            _count(state, "final_verifications", int(draft is not None))
+            if accepted == len(drafted) and draft is not None:
+                outcomes[i] = Emit(draft, k)  # the final draft is the full model's token too
+            else:  # the first rejected draft (or the current position) gets the full model's token
+                outcomes[i] = Replace(start + 1 + accepted, [full[accepted]], [L])
