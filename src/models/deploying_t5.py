@@ -23,6 +23,7 @@ from models.decode_loop import ComponentTimer, ExitPolicy, SequenceDecoder, summ
 from models.flops import FlopCounter, Shape
 from models.adaptive_threshold import BetaMixtureThreshold
 from models.layer_scorer import LayerScorer
+from models.self_speculation import SelfSpeculativeDecoder, speculation_rates
 from models.shallow_deep import ShallowDeepDecoder
 from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
 
@@ -137,6 +138,8 @@ class EarlyExitGenerationMixin:
 
         stats = summarise_exits([e for exits in all_exits for e in exits], block_runs)
         stats.update(free_counts)
+        if args.use_self_speculation:
+            stats.update(speculation_rates(free_counts))
         if args.use_adapt_threshold:
             stats["adaptive_threshold"] = self.threshold_estimator.threshold
         stats["exit_layers"] = all_exits
@@ -157,6 +160,8 @@ class EarlyExitGenerationMixin:
         common = dict(scorer=scorer, flops=flops, trace=trace, lazy_propagation=lazy_propagation)
         if not (args.use_shallow_deep and uses_parallel_decoding(args)) or trace:
             return SequenceDecoder(self, policy, timer, steps, **common)
+        if args.use_self_speculation:
+            return SelfSpeculativeDecoder(self, policy, timer, steps, max_draft_tokens=args.max_draft_tokens, **common)
         estimator = None
         if args.use_adapt_threshold:
             if self.threshold_estimator is None:

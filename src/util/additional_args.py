@@ -77,6 +77,8 @@ class AdditionalArguments:
     use_adapt_threshold: bool = _flag(False, "Estimate the shallow threshold on the fly with a Beta mixture.")
     adapt_threshold_level: float = _flag(0.9, "zeta: posterior of 'shallow agrees with deep' that the adaptive threshold must reach, in (0, 1).")
     adapt_threshold_samples: int = _flag(300, "The adaptive threshold is refitted after each of this many first samples.")
+    use_self_speculation: bool = _flag(False, "Verify the shallow layer's tokens with one deep pass: output identical to the full model.")
+    max_draft_tokens: int = _flag(4, "Self-speculation: a verification pass is forced after this many drafted tokens (>= 1).")
 
     # LoRA
     use_lora: bool = _flag(False, "Fine-tune with low-rank adapters (peft).")
@@ -209,6 +211,7 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
             args.use_shallow_deep and uses_parallel_decoding(args)):
         raise ValueError("rollback_conf_threshold and use_adapt_threshold need use_shallow_deep with parallel "
                          "decoding (parallel_gen_token=True, copy_skipped_hidden_states=False).")
+    _check_self_speculation(args)
     _check_range("adapt_threshold_level", args.adapt_threshold_level, 0, 1, low_open=True, high_open=True)
     if isinstance(args.adapt_threshold_samples, bool) or not isinstance(args.adapt_threshold_samples, int) \
             or args.adapt_threshold_samples < 1:
@@ -241,6 +244,26 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
     for name, is_on in _NOT_IMPLEMENTED.items():
         if is_on(args):
             raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
+
+
+def _check_self_speculation(args) -> None:
+    """Self-speculation verifies with FREE's causal parallel pass, and every emitted token must
+    be the full model's: nothing may accept a token the deep layers did not check."""
+    value = args.max_draft_tokens
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_draft_tokens={value!r} must be a positive integer.")
+    if not args.use_self_speculation:
+        return
+    if not (args.use_shallow_deep and uses_parallel_decoding(args)):
+        raise ValueError("use_self_speculation needs use_shallow_deep with parallel decoding "
+                         "(parallel_gen_token=True, copy_skipped_hidden_states=False).")
+    conflicts = [name for name, on in (("rollback_conf_threshold", args.rollback_conf_threshold is not None),
+                                       ("use_adapt_threshold", args.use_adapt_threshold),
+                                       ("parallel_causal_mask=False", not args.parallel_causal_mask),
+                                       ("render_jsds", args.render_jsds)) if on]
+    if conflicts:
+        raise ValueError(f"use_self_speculation cannot be combined with {', '.join(conflicts)}: it verifies every "
+                         f"drafted token with the causal deep pass instead.")
 
 
 def uses_parallel_decoding(args) -> bool:
