@@ -260,6 +260,23 @@ def test_cost_model_predicts_block_avg(copy_case):
     assert exact_cases > 0
 
 
+def test_task_runs_sum_the_counts_and_take_the_rates_over_all_samples(copy_case):
+    from tasks.runner import ExitStatsTotals
+
+    model, inputs, _ = copy_case
+    set_flags(model, **speculation_flags(2, 0.0, 3))
+    totals, calls = ExitStatsTotals(), []
+    for input_ids in inputs[:3]:
+        model.generate(input_ids=input_ids, max_new_tokens=MAX_NEW)
+        calls.append(model.exit_stats())
+        totals.add(calls[-1])
+    metrics = totals.metrics()
+    drafted, accepted = (sum(c[key] for c in calls) for key in ("drafted_tokens", "accepted_tokens"))
+    assert (metrics["drafted_tokens"], metrics["accepted_tokens"]) == (drafted, accepted)
+    assert metrics["verify_passes"] == sum(c["verify_passes"] for c in calls)
+    assert metrics["acceptance_rate"] == pytest.approx(accepted / drafted)
+
+
 # ----- flags ------------------------------------------------------------------------------------------------
 
 
