@@ -54,6 +54,10 @@ METHODS = [
     ("FREE shallow-deep, layer 2, softmax 0.9", {"use_shallow_deep": True, "shallow_exit_layer": 2,
                                                  "shallow2deep_conf_type": "softmax",
                                                  "shallow2deep_conf_threshold": 0.9}),
+    # drafts at layer 2, verifies with the deep layers: the full model's answers exactly
+    ("self-speculation, layer 2, softmax 0.9", {"use_shallow_deep": True, "shallow_exit_layer": 2,
+                                                "shallow2deep_conf_type": "softmax",
+                                                "shallow2deep_conf_threshold": 0.9, "use_self_speculation": True}),
     # traces every layer (outputs are the full model's) and draws the plots under plots/diagnostics/
     ("diagnostics", {**EARLY, "exit_conf_type": "JSD_contrastive_confidence", "exit_min_layer": 3,
                      "plotting_logits": True, "render_jsds": True}),
