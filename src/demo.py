@@ -53,6 +53,7 @@ DEMO_ROWS = [
     ("JSD contrastive 0.9", "jsd", {"min_layer": 3}, {}),
     ("softmax 0.9, decaying + re-ranking", "vocab_decaying_rerank", {}, {}),
     ("FREE shallow-deep, layer 2, softmax 0.9", "shallow_deep", {"shallow_layer": 2}, {}),
+    ("self-speculation, layer 2, softmax 0.9", "self_speculation", {"shallow_layer": 2}, {}),
     # traces every layer (outputs are the full model's) and draws the plots under plots/diagnostics/
     ("diagnostics", "jsd", {"min_layer": 3}, {"plotting_logits": True, "render_jsds": True}),
 ]

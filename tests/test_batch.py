@@ -51,8 +51,11 @@ METHODS = {
     "free-copied-states": dict(FREE, copy_skipped_hidden_states=True),
     "free-adaptive-threshold": dict(FREE, use_adapt_threshold=True),
     "free-meta": dict(FREE, shallow2deep_conf_type="meta", shallow2deep_conf_threshold=0.5),
+    "self-speculation": dict(FREE, shallow2deep_conf_threshold=0.0, use_self_speculation=True, max_draft_tokens=3,
+                             count_flops=True),
 }
 SUMMED = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
+SPECULATION = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
 
 
 def planted_meta_head(model):
@@ -169,6 +172,20 @@ def test_free_counts_of_a_batch_are_the_sums_of_its_rows(models):
             totals[key] += alone[key]
     assert {key: stats[key] for key in SUMMED} == totals
     assert stats["shallow_tokens"] + stats["deep_tokens"] == stats["tokens"]
+
+
+def test_self_speculation_counts_of_a_batch_are_the_sums_of_its_rows(models):
+    model = models[torch.float64]
+    args = AdditionalArguments(**METHODS["self-speculation"])
+    rows = sources()
+    _, stats, _ = decode(model, args, *padded(rows, "left"))
+    totals = dict.fromkeys(SPECULATION, 0)
+    for row in rows:
+        _, alone, _ = decode(model, args, row)
+        for key in SPECULATION:
+            totals[key] += alone[key]
+    assert {key: stats[key] for key in SPECULATION} == totals
+    assert 0 < stats["accepted_tokens"] < stats["drafted_tokens"]  # drafts were accepted and rejected
 
 
 def test_adaptive_threshold_rows_use_the_estimate_of_when_the_call_began(models):

@@ -58,6 +58,8 @@ METHODS: Dict[str, Callable[[dict], dict]] = {
     "jsd": lambda p: early_exit("JSD_contrastive_confidence", p["threshold"], p["min_layer"]),
     "shallow_deep": lambda p: shallow_deep(p["shallow_layer"], p["threshold"]),  # FREE
     "shallow_deep_adaptive": lambda p: shallow_deep(p["shallow_layer"], p["threshold"], use_adapt_threshold=True),
+    # lossless: shallow drafts verified by the deep layers, output identical to the full model
+    "self_speculation": lambda p: shallow_deep(p["shallow_layer"], p["threshold"], use_self_speculation=True),
 }
 
 

@@ -1,0 +1,176 @@
+"""Self-speculative shallow-deep decoding against the full model (CPU, batch 1).
+
+    .venv/bin/python bench/bench_speculation.py [--rounds 3] [--samples 2] [--new_tokens 32]
+
+A T5-large-shaped model (24 decoder blocks, d_model 1024, vocabulary 32128) with random weights,
+shallow layer 6 (L/4). Its deep blocks are made to agree with the shallow exit at a controlled
+rate: the output projections of blocks 7..24 (self-attention `o`, cross-attention `o`,
+feed-forward `wo`) are multiplied by a factor s, so that their residual updates shrink with s and
+the full model's argmax moves away from layer 6's on fewer tokens (s = 0: always the same). For
+each target agreement s is found by bisection on log s, measuring how often layer 6's argmax
+equals the full model's along the full model's own greedy path (self-speculation with one draft
+per pass drafts every token on a verified prefix); the table reports the acceptance each run
+measured (accepted / drafted, discarded drafts included, so below the per-token agreement).
+The LM head is given its own random matrix (T5 ties it to the embeddings, which makes a random
+model repeat its input token forever, so every draft would trivially agree).
+
+Every setting runs with threshold 0 (draft whenever allowed, `max_draft_tokens` in a row), side
+by side with the full model in interleaved rounds; tokens/s is the median over rounds; every
+output is asserted identical to the full model's. The demo-model part runs only when
+cache/demo_model exists (`make demo`).
+"""
+
+import argparse
+import math
+
+import torch
+
+from common import (  # common puts src/ on the path
+    ROOT,
+    build_model,
+    configure,
+    median,
+    print_table,
+    run_side_by_side,
+    sample_inputs,
+    save_results,
+)
+from models.self_speculation import expected_blocks_per_token
+
+SHALLOW = 6  # L/4 of T5-large's 24 decoder blocks (set from --shape in main)
+DEMO_MODEL = ROOT / "cache" / "demo_model" / "model"
+
+
+def deep_projections(model):
+    """The weights whose scale sets how much the deep blocks change the prediction."""
+    for block in model.decoder.block[SHALLOW:]:
+        yield block.layer[0].SelfAttention.o.weight
+        yield block.layer[1].EncDecAttention.o.weight
+        yield block.layer[2].DenseReluDense.wo.weight
+
+
+class DeepScale:
+    """Sets the deep output projections to original * s (from kept originals: no drift)."""
+
+    def __init__(self, model):
+        self.weights = list(deep_projections(model))
+        self.originals = [w.detach().clone() for w in self.weights]
+
+    @torch.no_grad()
+    def set(self, s: float) -> None:
+        for weight, original in zip(self.weights, self.originals):
+            weight.copy_(original * s)
+
+
+def greedy_path_agreement(model, inputs, new_tokens) -> float:
+    """Share of tokens where layer 6's argmax equals the full model's, along the full model's
+    greedy path: self-speculation with one draft per pass drafts every token on a verified prefix."""
+    configure(model, **speculation_flags(1))
+    drafted = accepted = 0
+    for input_ids in inputs:
+        model.generate(input_ids=input_ids, max_new_tokens=new_tokens)
+        drafted += model.exit_stats()["drafted_tokens"]
+        accepted += model.exit_stats()["accepted_tokens"]
+    return accepted / drafted
+
+
+def calibrate(model, scale: DeepScale, target: float, inputs, new_tokens, steps: int = 6) -> float:
+    """s with agreement(s) close to target, by bisection on log s in [1e-3, 1]."""
+    low, high = math.log(1e-3), 0.0  # agreement falls as s grows
+    for _ in range(steps):
+        middle = (low + high) / 2
+        scale.set(math.exp(middle))
+        if greedy_path_agreement(model, inputs, new_tokens) > target:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)
+
+
+def decode_all(model, inputs, new_tokens, **flags):
+    def run():
+        configure(model, **flags)
+        outputs, stats = [], []
+        for input_ids in inputs:
+            outputs.append(model.generate(input_ids=input_ids, max_new_tokens=new_tokens))
+            stats.append(model.exit_stats())
+        return {"outputs": outputs, "stats": stats}
+    return run
+
+
+def speculation_flags(max_draft):
+    return dict(use_shallow_deep=True, shallow_exit_layer=SHALLOW, shallow2deep_conf_type="softmax",
+                shallow2deep_conf_threshold=0.0, use_self_speculation=True, max_draft_tokens=max_draft)
+
+
+def summed(stats, key):
+    return sum(s[key] for s in stats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="t5-large", help="t5-small: a quick check of the script itself")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--source_length", type=int, default=16)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.95])
+    parser.add_argument("--draft_lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    args = parser.parse_args()
+    device = torch.device("cpu")
+
+    global SHALLOW
+    model = build_model(args.shape)
+    num_layers = model.config.num_decoder_layers
+    SHALLOW = num_layers // 4
+    torch.manual_seed(1)
+    with torch.no_grad():  # an untied head: see the module docstring
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    scale = DeepScale(model)
+    inputs = sample_inputs(model, args.samples, args.source_length)
+
+    summary, rows = [], []
+    for target in args.targets:
+        s = calibrate(model, scale, target, inputs, args.new_tokens)
+        scale.set(s)
+        print(f"agreement {target}: deep scale {s:.4f}, running {args.rounds} rounds", flush=True)
+        variants = {"full model": decode_all(model, inputs, args.new_tokens)}
+        for n in args.draft_lengths:
+            variants[f"n={n}"] = decode_all(model, inputs, args.new_tokens, **speculation_flags(n))
+        results = run_side_by_side(variants, args.rounds, device)
+        full = results["full model"]
+        expected = full["outputs"][0]
+        tokens = sum(out.shape[1] - 1 for out in expected)
+        full_speed = tokens / median(full["seconds"])
+        for name, result in results.items():
+            for outputs in result["outputs"]:  # the guarantee, checked on every run
+                assert all(torch.equal(a, b) for a, b in zip(outputs, expected)), f"{name} differs from the full model"
+            stats = result["stats"][0]
+            speed = tokens / median(result["seconds"])
+            row = {"target_agreement": target, "deep_scale": s, "setting": name, "tokens_per_s": speed,
+                   "speedup": speed / full_speed, "block_avg": summed(stats, "block_avg") / len(stats)}
+            if name != "full model":
+                drafted, accepted = summed(stats, "drafted_tokens"), summed(stats, "accepted_tokens")
+                passes = summed(stats, "verify_passes")
+                row.update(acceptance_rate=accepted / drafted, drafted_per_pass=drafted / passes,
+                           accepted_per_pass=accepted / passes,
+                           predicted_blocks=expected_blocks_per_token(num_layers, accepted / drafted, drafted / passes))
+            summary.append(row)
+            rows.append([f"{target:.2f}", f"{s:.4f}", name,
+                         f"{row['acceptance_rate']:.2f}" if "acceptance_rate" in row else "-",
+                         f"{row['accepted_per_pass']:.2f}" if "accepted_per_pass" in row else "-",
+                         f"{row['block_avg']:.1f}",
+                         f"{row['predicted_blocks']:.1f}" if "predicted_blocks" in row else "-",
+                         f"{speed:.2f}", f"{row['speedup']:.2f}x"])
+    print(f"{args.shape} shape, random weights, shallow layer {SHALLOW}, {args.samples} samples x {args.new_tokens} "
+          f"tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
+    print_table(["target", "deep scale", "setting", "acceptance", "accepted/pass", "block_avg",
+                 "predicted blocks", "tokens/s", "vs full"], rows)
+    if not DEMO_MODEL.is_dir():
+        print(f"\n(no demo model in {DEMO_MODEL}: its part is skipped; run `make demo` first)")
+    saved = save_results("bench_speculation", {"args": vars(args), "results": summary})
+    print(f"\nsaved {saved}")
+
+
+if __name__ == "__main__":
+    main()
