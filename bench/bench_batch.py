@@ -17,11 +17,13 @@ Throughput is tokens/s of a batch against batch 1. Memory: the decode state the 
 """
 
 import argparse
+import time
 
 import torch
 from transformers import T5ForConditionalGeneration
 
-from common import SHAPES, build_model, median, print_table, run_side_by_side, save_results, synchronize
+from common import build_model, median, print_table, run_side_by_side, save_results, synchronize
+from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from util.additional_args import AdditionalArguments
 
 
@@ -65,6 +67,36 @@ def meta_threshold(model, ids, mask, steps, L):
         if best is None or gap < best[0]:
             best = (gap, threshold)
     return best[1]
+
+
+@torch.inference_mode()
+def gather_or_mask(model, batch: int, position: int, rounds: int, device) -> dict:
+    """What one middle block costs when only some rows of a batch still run it: computed for
+    those rows alone (gathered: their cached keys/values copied out) against for every row
+    (masking: the exited rows' results thrown away). Milliseconds per block call, medians."""
+    L = model.config.num_decoder_layers
+    decoder = BatchDecoder(model, ExitPolicy(L, L), ComponentTimer(device, False), position + 1)
+    ids = torch.randint(2, model.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(3))
+    decoder.start(ids.to(device), torch.ones_like(ids).to(device), 0)
+    decoder.cache.keys.zero_()
+    decoder.cache.values.zero_()
+    hidden = torch.randn(batch, 1, model.config.d_model, generator=torch.Generator().manual_seed(4)).to(device)
+    j = L // 2
+    out = {}
+    for running in sorted({batch, max(batch // 2, 1), max(batch // 4, 1), 1}, reverse=True):
+        rows = decoder.select(list(range(batch)), [position] * batch, [1] * batch)
+        if running < batch:
+            rows = rows.take(list(range(running)))
+        index = rows.index
+        times = []
+        for _ in range(rounds * 5):
+            synchronize(device)
+            start = time.perf_counter()
+            decoder.block(j, hidden.index_select(0, index), rows)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        out[running] = median(times) * 1e3
+    return out
 
 
 def state_bytes(model, batch, steps):
@@ -141,6 +173,11 @@ def main():
                              f"{cell['state_mib']:.1f}"])
                 print_table(["shape", "batch", "sources", "full/hf time", "static/ideal", "meta block_avg -> /allowed",
                              "full tok/s vs b1", "softmax tok/s vs b1", "state MiB"], rows[-1:])
+        for batch in [int(b) for b in options.batches.split(",") if int(b) > 1]:
+            costs = gather_or_mask(model, batch, steps, options.rounds, device)
+            payload.setdefault("gather_or_mask", []).append({"shape": shape, "batch": batch, "ms_per_block": costs})
+            print(f"{shape} batch {batch}: one block for R running rows, ms (gathered R vs masked {batch}): "
+                  + ", ".join(f"R={r}: {ms:.2f}" for r, ms in costs.items()))
     print()
     print_table(["shape", "batch", "sources", "full/hf time", "static/ideal", "meta block_avg -> /allowed",
                  "full tok/s vs b1", "softmax tok/s vs b1", "state MiB"], rows)
