@@ -129,6 +129,17 @@ def trained_copy_model(num_decoder_layers: int = 4, dtype=torch.float32, lengths
     return model.to(dtype)
 
 
+def planted_meta_head(model):
+    """A meta head whose P(exit) varies strongly with the normalised state, so exits vary."""
+    from models.confidence import build_meta_head
+
+    torch.manual_seed(3)
+    head = build_meta_head(model.config.d_model).to(model.dtype)
+    with torch.no_grad():
+        head[2].weight.mul_(20.0)
+    return head
+
+
 def copy_inputs(seed: int, count: int = 5, length: int = 5):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(2, 31, (1, length), generator=generator) for _ in range(count)]

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from engine_helpers import EOS, PAD, deploy_model, hf_twin, tiny_config, trained_copy_model
+from engine_helpers import EOS, PAD, deploy_model, hf_twin, planted_meta_head, tiny_config, trained_copy_model
 from util.additional_args import AdditionalArguments
 
 SOURCE_LENGTHS = (3, 6, 5, 4)
@@ -46,7 +46,7 @@ METHODS = {
     "flops": dict(SOFTMAX, exit_min_layer=2, type_vocab_reduct="decaying", vocab_k_max=16, vocab_k_min=4,
                   count_flops=True),
     "free": dict(FREE, count_flops=True),
-    "free-rollback": dict(FREE, rollback_conf_threshold=0.5),
+    "free-rollback": dict(FREE, shallow2deep_conf_threshold=0.3, rollback_conf_threshold=0.01),
     "free-non-causal": dict(FREE, parallel_causal_mask=False),
     "free-copied-states": dict(FREE, copy_skipped_hidden_states=True),
     "free-adaptive-threshold": dict(FREE, use_adapt_threshold=True),
@@ -56,17 +56,6 @@ METHODS = {
 }
 SUMMED = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks")
 SPECULATION = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
-
-
-def planted_meta_head(model):
-    """A meta head whose P(exit) varies strongly with the state, so exits vary."""
-    from models.confidence import build_meta_head
-
-    torch.manual_seed(3)
-    head = build_meta_head(model.config.d_model).to(model.dtype)
-    with torch.no_grad():
-        head[2].weight.mul_(20.0)
-    return head
 
 
 @pytest.fixture(scope="module")
@@ -160,32 +149,22 @@ def test_every_row_of_a_batch_decodes_as_it_would_alone_float32(models, method):
     check_rows_equal_alone(models[torch.float32], METHODS[method], "right")
 
 
-def test_free_counts_of_a_batch_are_the_sums_of_its_rows(models):
+@pytest.mark.parametrize("method, counts", [("free-rollback", SUMMED), ("self-speculation", SPECULATION)])
+def test_method_counts_of_a_batch_are_the_sums_of_its_rows(models, method, counts):
     model = models[torch.float64]
-    args = AdditionalArguments(**METHODS["free-rollback"])
-    rows = sources()
-    _, stats, _ = decode(model, args, *padded(rows, "right"))
-    totals = dict.fromkeys(SUMMED, 0)
-    for row in rows:
-        _, alone, _ = decode(model, args, row)
-        for key in SUMMED:
-            totals[key] += alone[key]
-    assert {key: stats[key] for key in SUMMED} == totals
-    assert stats["shallow_tokens"] + stats["deep_tokens"] == stats["tokens"]
-
-
-def test_self_speculation_counts_of_a_batch_are_the_sums_of_its_rows(models):
-    model = models[torch.float64]
-    args = AdditionalArguments(**METHODS["self-speculation"])
+    args = AdditionalArguments(**METHODS[method])
     rows = sources()
     _, stats, _ = decode(model, args, *padded(rows, "left"))
-    totals = dict.fromkeys(SPECULATION, 0)
+    totals = dict.fromkeys(counts, 0)
     for row in rows:
         _, alone, _ = decode(model, args, row)
-        for key in SPECULATION:
+        for key in counts:
             totals[key] += alone[key]
-    assert {key: stats[key] for key in SPECULATION} == totals
-    assert 0 < stats["accepted_tokens"] < stats["drafted_tokens"]  # drafts were accepted and rejected
+    assert {key: stats[key] for key in counts} == totals
+    if method == "free-rollback":
+        assert stats["rollbacks"] > 0 and stats["shallow_tokens"] + stats["deep_tokens"] == stats["tokens"]
+    else:
+        assert 0 < stats["accepted_tokens"] < stats["drafted_tokens"]  # drafts were accepted and rejected
 
 
 def test_adaptive_threshold_rows_use_the_estimate_of_when_the_call_began(models):

@@ -10,6 +10,7 @@ from engine_helpers import (
     hf_greedy_without_cache,
     hf_twin,
     output_logits,
+    planted_meta_head,
     reference_decode,
     set_flags,
     threshold_rule,
@@ -148,7 +149,7 @@ def test_mixed_exits_equal_slow_reference(copy_model, conf_type, threshold, min_
     model = copy_model.to(torch.float64)  # far from threshold ties: shapes differ from the oracle's
     try:
         if conf_type == "meta":
-            model.cm_head = _planted_meta_head(model)
+            model.cm_head = planted_meta_head(model)
         set_flags(model, use_early_exit=True, exit_conf_type=conf_type, exit_conf_threshold=threshold,
                   exit_min_layer=min_layer)
         reference = hf_twin(model)
@@ -169,17 +170,6 @@ def test_mixed_exits_equal_slow_reference(copy_model, conf_type, threshold, min_
         copy_model.to(torch.float32)
         if hasattr(copy_model, "cm_head"):
             del copy_model.cm_head
-
-
-def _planted_meta_head(model):
-    """A meta head whose P(exit) is a fixed function of the normalised state."""
-    from models.confidence import build_meta_head
-
-    torch.manual_seed(3)
-    head = build_meta_head(model.config.d_model).to(model.dtype)
-    with torch.no_grad():
-        head[2].weight.mul_(20.0)
-    return head
 
 
 def test_lazy_and_eager_state_propagation_agree(copy_model):

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from models.decode_loop import BatchDecoder, Emit, Replace
-from models.shallow_deep import deep_pass
+from models.shallow_deep import deep_pass, shallow_pass
 
 COUNTS = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
 
@@ -78,20 +78,11 @@ class SelfSpeculativeStep:
         self.eos_ids = eos_ids  # a drafted end-of-sequence token must be verified before it ends
 
     def __call__(self, decoder: BatchDecoder) -> list:
-        policy, scorer, timer = decoder.policy, decoder.scorer, decoder.timer
-        k, L = policy.max_checked_layer, policy.num_layers
+        scorer, timer = decoder.scorer, decoder.timer
+        k, L = decoder.policy.max_checked_layer, decoder.policy.num_layers
         live = decoder.live
-        positions = [state.position for state in live]
-        rows = decoder.select(list(range(len(live))), positions, [1] * len(live))
-        scorer.start_step(decoder.counters(rows.local))
-        hidden = decoder.embed(decoder.input_tokens())
+        positions, hidden, previous = shallow_pass(decoder)
         mark = timer.now()
-        for j in range(k):
-            previous, hidden = hidden, decoder.block(j, hidden, rows)
-            scorer.remember(j + 1, hidden)
-        mark = timer.add("blocks", mark)
-        # every row's layer-k state is stacked: a verification pass reads the current one there
-        decoder.exit_states[rows.index, torch.tensor(positions, device=decoder.device)] = hidden[:, 0]
         # at the draft limit the confidence is not needed: that position verifies anyway
         checking = [i for i, t in enumerate(positions) if t - decoder.cache.filled[k][i] < self.max_draft_tokens]
         drafting = []

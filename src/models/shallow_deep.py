@@ -37,25 +37,16 @@ class ShallowDeepStep:
         self.causal = causal
 
     def __call__(self, decoder: BatchDecoder) -> list:
-        policy, scorer, timer = decoder.policy, decoder.scorer, decoder.timer
-        k, L = policy.max_checked_layer, policy.num_layers
+        scorer, timer = decoder.scorer, decoder.timer
+        k, L = decoder.policy.max_checked_layer, decoder.policy.num_layers
         live = decoder.live
-        positions = [state.position for state in live]
-        rows = decoder.select(list(range(len(live))), positions, [1] * len(live))
-        scorer.start_step(decoder.counters(rows.local))
-        hidden = decoder.embed(decoder.input_tokens())
+        positions, hidden, previous = shallow_pass(decoder)
         mark = timer.now()
-        for j in range(k):
-            previous, hidden = hidden, decoder.block(j, hidden, rows)
-            scorer.remember(j + 1, hidden)
-        mark = timer.add("blocks", mark)
         confidences = scorer.confidence(k, hidden, previous)
         jsd = scorer.jsd_step or [None] * len(live)
         leaving = [i for i, c in enumerate(confidences) if c > self.threshold]
         deep = [i for i, c in enumerate(confidences) if not c > self.threshold]
         outcomes = [None] * len(live)
-        # every row's layer-k state is stacked: the deep pass reads the current one from there too
-        decoder.exit_states[rows.index, torch.tensor(positions, dtype=torch.long, device=decoder.device)] = hidden[:, 0]
         if leaving:
             for i, token in zip(leaving, scorer.predict(k, hidden, leaving).tolist()):
                 outcomes[i] = Emit(token, k, jsd[i])
@@ -102,6 +93,23 @@ class ShallowDeepStep:
         offset = int(rejected[0, 0])
         # keep tokens up to the rejected one's input position, then the deep prediction
         return Replace(start + offset + 1, [int(deep_logits[offset].argmax())], [L])
+
+
+def shallow_pass(decoder: BatchDecoder):
+    """Blocks 1..k for the current token of every live row, its layer-k state stacked (the deep
+    pass reads the current position from there too). Returns (positions, h_k, h_(k-1))."""
+    k, scorer, timer = decoder.policy.max_checked_layer, decoder.scorer, decoder.timer
+    positions = [state.position for state in decoder.live]
+    rows = decoder.select(list(range(len(positions))), positions, [1] * len(positions))
+    scorer.start_step(decoder.counters(rows.local))
+    hidden = decoder.embed(decoder.input_tokens())
+    mark = timer.now()
+    for j in range(k):
+        previous, hidden = hidden, decoder.block(j, hidden, rows)
+        scorer.remember(j + 1, hidden)
+    decoder.exit_states[rows.index, torch.tensor(positions, dtype=torch.long, device=decoder.device)] = hidden[:, 0]
+    timer.add("blocks", mark)
+    return positions, hidden, previous
 
 
 def deep_pass(decoder: BatchDecoder, rows: List[int], positions: List[int], all_positions: bool, causal: bool = True):
