@@ -20,9 +20,8 @@ import argparse
 import time
 
 import torch
-from transformers import T5ForConditionalGeneration
 
-from common import build_model, median, print_table, run_side_by_side, save_results, synchronize
+from common import build_model, hf_generate, median, print_table, run_side_by_side, save_results, synchronize
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from util.additional_args import AdditionalArguments
 
@@ -50,8 +49,7 @@ def ours(model, ids, mask, steps, args):
 
 def hf(model, ids, mask, steps):
     def run():
-        T5ForConditionalGeneration.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=steps,
-                                            do_sample=False, num_beams=1)
+        hf_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=steps)
         return {"tokens": steps * ids.shape[0]}
 
     return run
@@ -129,8 +127,7 @@ def main():
                     continue
                 ids, mask = batch_inputs(model, batch, options.source_length, padded)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps)
-                expected = T5ForConditionalGeneration.generate(model, input_ids=ids, attention_mask=mask,
-                                                               max_new_tokens=steps, do_sample=False, num_beams=1)
+                expected = hf_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=steps)
                 assert torch.equal(out, expected), f"{shape} batch {batch}: full model differs from HF generate"
                 threshold = meta_threshold(model, ids, mask, steps, L)
                 variants = {

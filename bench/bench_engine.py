@@ -14,11 +14,12 @@ Targets: full within 1.05x of hf; static reaching 0.9 of the ideal decoder speed
 import argparse
 
 import torch
-from transformers import T5ForConditionalGeneration
 
 from common import (
     build_model,
     configure,
+    hf_generate,
+    hf_variant,
     median,
     print_table,
     run_side_by_side,
@@ -45,23 +46,11 @@ def our_variant(model, inputs, steps, **flags):
     return run
 
 
-def hf_variant(model, inputs, steps):
-    def run():
-        configure(model)
-        for input_ids in inputs:
-            T5ForConditionalGeneration.generate(model, input_ids=input_ids, max_new_tokens=steps,
-                                                do_sample=False, num_beams=1)
-        return {"tokens": steps * len(inputs)}
-
-    return run
-
-
 def check_identical(model, inputs, steps):
     configure(model)
     for input_ids in inputs:
         ours = model.generate(input_ids=input_ids, max_new_tokens=steps)
-        theirs = T5ForConditionalGeneration.generate(model, input_ids=input_ids, max_new_tokens=steps,
-                                                     do_sample=False, num_beams=1)
+        theirs = hf_generate(model, input_ids=input_ids, max_new_tokens=steps)
         if not torch.equal(ours, theirs):
             raise RuntimeError("our full-model loop and HF generate disagree: the benchmark would compare unequal work")
 

@@ -17,10 +17,10 @@ and the decoder alone (ours: the call minus the encoder time the loop measures w
 import argparse
 
 import torch
-from transformers import LongT5Config, LongT5ForConditionalGeneration
+from transformers import LongT5Config
 from transformers.modeling_outputs import BaseModelOutput
 
-from common import configure, median, print_table, run_side_by_side, sample_inputs, save_results
+from common import configure, hf_generate, hf_variant, median, print_table, run_side_by_side, sample_inputs, save_results
 
 from models.deploying_longt5 import DeployLongT5ForConditionalGeneration  # noqa: E402
 
@@ -53,17 +53,6 @@ def our_variant(model, inputs, steps, **flags):
     return run
 
 
-def hf_variant(model, inputs, steps):
-    def run():
-        configure(model)
-        for input_ids in inputs:
-            LongT5ForConditionalGeneration.generate(model, input_ids=input_ids, max_new_tokens=steps,
-                                                    do_sample=False, num_beams=1)
-        return {"tokens": steps * len(inputs)}
-
-    return run
-
-
 def hf_decoder_variant(model, inputs, steps):
     with torch.inference_mode():
         encoded = [BaseModelOutput(last_hidden_state=model.encoder(input_ids=ids).last_hidden_state) for ids in inputs]
@@ -71,8 +60,7 @@ def hf_decoder_variant(model, inputs, steps):
     def run():
         configure(model)
         for input_ids, encoder_outputs in zip(inputs, encoded):
-            LongT5ForConditionalGeneration.generate(model, input_ids=input_ids, encoder_outputs=encoder_outputs,
-                                                    max_new_tokens=steps, do_sample=False, num_beams=1)
+            hf_generate(model, input_ids=input_ids, encoder_outputs=encoder_outputs, max_new_tokens=steps)
         return {"tokens": steps * len(inputs)}
 
     return run
@@ -81,8 +69,7 @@ def hf_decoder_variant(model, inputs, steps):
 def check_identical(model, input_ids, steps):
     configure(model)
     ours = model.generate(input_ids=input_ids, max_new_tokens=steps)
-    theirs = LongT5ForConditionalGeneration.generate(model, input_ids=input_ids, max_new_tokens=steps,
-                                                     do_sample=False, num_beams=1)
+    theirs = hf_generate(model, input_ids=input_ids, max_new_tokens=steps)
     if not torch.equal(ours, theirs):
         raise RuntimeError("our full-model loop and HF generate disagree: the benchmark would compare unequal work")
 

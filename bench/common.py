@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from transformers import T5Config  # noqa: E402
 
-from models.deploying_t5 import DeployT5ForConditionalGeneration  # noqa: E402
+from models.deploying_t5 import DeployT5ForConditionalGeneration, EarlyExitGenerationMixin  # noqa: E402
 from util.additional_args import AdditionalArguments, update_autoconfig  # noqa: E402
 
 SHAPES = {
@@ -36,6 +36,22 @@ def build_model(shape: str, seed: int = 0, dtype=torch.float32, device="cpu"):
     model = DeployT5ForConditionalGeneration(config).eval().to(dtype=dtype, device=device)
     model.generation_config.eos_token_id = None
     return model
+
+
+def hf_generate(model, **kwargs):
+    """HF's own greedy generate of the model's class (the one after our early-exit mixin)."""
+    return super(EarlyExitGenerationMixin, model).generate(do_sample=False, num_beams=1, **kwargs)
+
+
+def hf_variant(model, inputs, steps):
+    """A side-by-side variant: HF's generate over each input."""
+    def run():
+        configure(model)
+        for input_ids in inputs:
+            hf_generate(model, input_ids=input_ids, max_new_tokens=steps)
+        return {"tokens": steps * len(inputs)}
+
+    return run
 
 
 def configure(model, **flags):

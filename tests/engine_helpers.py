@@ -140,6 +140,24 @@ def planted_meta_head(model):
     return head
 
 
+def assert_training_lowers_every_layers_loss(model, make_batch, steps: int) -> None:
+    """A few AdamW steps on batches make_batch(seed) lower the loss of every decoder layer on a
+    held-out batch (models.modeling_t5.layer_losses)."""
+    from models.modeling_t5 import layer_losses
+
+    held_out = make_batch(99)
+    before = layer_losses(model.eval(), held_out)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        loss = model(**make_batch(step)).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = layer_losses(model.eval(), held_out)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+
+
 def copy_inputs(seed: int, count: int = 5, length: int = 5):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(2, 31, (1, length), generator=generator) for _ in range(count)]

@@ -12,10 +12,12 @@ import sys
 
 import pytest
 import torch
+
 from transformers import (LongT5Config, LongT5ForConditionalGeneration, MT5Config, MT5ForConditionalGeneration,
                           T5Config, T5ForConditionalGeneration, UMT5Config, UMT5ForConditionalGeneration)
 
-from engine_helpers import EOS, PAD, output_logits, reference_decode, threshold_rule
+from engine_helpers import (EOS, PAD, assert_training_lowers_every_layers_loss, output_logits, reference_decode,
+                            threshold_rule)
 from models import modeling_t5 as mt
 from models.confidence import softmax_confidence
 from models.deploying_longt5 import DeployLongT5ForConditionalGeneration, local_window_keys, longt5_encoder_flops
@@ -323,17 +325,7 @@ def test_intermediate_losses_use_every_block_through_the_decode_head(variant):
 
 def test_a_few_steps_lower_every_longt5_layers_loss():
     model = train_model("longt5", seed=1, output_hidden_states_decoder=True, intermediate_loss_fn="ce")
-    held_out = train_batch(seed=99, size=16)
-    before = mt.layer_losses(model.eval(), held_out)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(20):
-        loss = model(**train_batch(seed=step, size=16)).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    after = mt.layer_losses(model.eval(), held_out)
-    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert_training_lowers_every_layers_loss(model, lambda seed: train_batch(seed=seed, size=16), steps=20)
 
 
 def test_longt5_meta_head_trains_alone_and_reloads_into_the_deploy_class(tmp_path):

@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+
+from engine_helpers import assert_training_lowers_every_layers_loss
 from transformers import AutoConfig
 
 from models import modeling_t5 as mt
@@ -258,17 +260,7 @@ def test_layer_transformation_starts_as_identity_and_learns(loss_fn):
 
 def test_a_few_steps_lower_every_layers_loss():
     model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn="weighted_ce", seed=1)
-    held_out = batch(seed=99, size=16)
-    before = mt.layer_losses(model.eval(), held_out)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(25):
-        loss = model(**batch(seed=step, size=16)).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    after = mt.layer_losses(model.eval(), held_out)
-    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert_training_lowers_every_layers_loss(model, lambda seed: batch(seed=seed, size=16), steps=25)
 
 
 def test_meta_head_training_freezes_the_model_and_lowers_its_loss():
