@@ -211,3 +211,10 @@ def test_rows_that_end_early_leave_the_batch(models):
                          max_new_tokens=MAX_NEW_TOKENS)
     ended = [b for b, n in enumerate(lengths) if n < MAX_NEW_TOKENS]
     assert ended and all(out[b, lengths[b]].item() == EOS for b in ended)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["softmax", "fixed", "jsd", "free-rollback", "self-speculation", "traces"])
+def test_every_row_of_a_batch_decodes_as_it_would_alone_on_cuda(models, method):
+    model = copy.deepcopy(models[torch.float32]).to("cuda")
+    check_rows_equal_alone(model, METHODS[method], "right")
