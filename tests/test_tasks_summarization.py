@@ -182,4 +182,6 @@ def test_deploy_results_are_identical_at_any_batch_size_except_timings(trained, 
     timing = ("runtime", "samples_per_second", "tokens_per_second")
     same = {k: v for k, v in results[None].items() if not any(t in k for t in timing) and "time_" not in k}
     assert same == {k: results[3][k] for k in same}
+    # FREE's accounting beside ours; without shallow-deep it is the mean exit layer, here below 2
+    assert results[None]["eval_block_avg_free"] == results[None]["eval_block_avg"] <= 2.0
     assert predictions[None] == predictions[3]
