@@ -88,7 +88,7 @@ class BioSettings:
     d_ff: int = 512
     encoder_layers: int = 2
     decoder_layers: int = 8
-    train_steps: int = 2000
+    train_steps: int = 1600
     batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 100
