@@ -171,10 +171,14 @@ class DemoTask:
     output_name: str  # the results' folder under outputs/
     run_suffix: str = ""  # keeps each task's plots/<run name>/ apart
 
+    def length(self, arg: str) -> int:
+        """The value of length argument `arg` (named without its dashes), in tokens."""
+        return int(self.length_args[self.length_args.index("--" + arg) + 1])
+
 
 TASKS = {
     "bio": DemoTask(Summarization, BioSettings, bio_data, bio_texts,
-                    ("--max_source_length", "64", "--max_target_length", "64"),
+                    ("--max_source_length", "64", "--max_target_length", "64", "--val_max_target_length", "64"),
                     (("ROUGE-L", "eval_rougeL", "{:.1f}"), ("ROUGE-2", "eval_rouge2", "{:.1f}")),
                     ".jsonl", "demo_bio", "demo"),
     "qa": DemoTask(QuestionAnswering, QASettings, qa_data, qa_texts,
@@ -276,8 +280,8 @@ def eval_sources(task: DemoTask, eval_file: Path, count: int) -> List[str]:
     return [adapter.source_text(row, data_args) for row in rows[:count]]
 
 
-def time_rows(rows: List[Tuple[str, Dict]], model_dir: Path, sources: List[str], max_new_tokens: int,
-              rounds: int) -> Dict[str, Dict]:
+def time_rows(rows: List[Tuple[str, Dict]], model_dir: Path, sources: List[str], source_length: int,
+              max_new_tokens: int, rounds: int) -> Dict[str, Dict]:
     """Tokens/s of each row decoding `sources` one at a time; the rows take turns within each
     round (so a slow spell of the machine hits them all) and the median round is kept. Also
     returns each row's first-round tokens and exit layers per source."""
@@ -287,7 +291,7 @@ def time_rows(rows: List[Tuple[str, Dict]], model_dir: Path, sources: List[str],
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir)).eval()
-    inputs = [tokenizer(s, return_tensors="pt") for s in sources]
+    inputs = [tokenizer(s, max_length=source_length, truncation=True, return_tensors="pt") for s in sources]  # as the task script
     args = {name: AdditionalArguments(deploy_scenario=True, **flags) for name, flags in rows}
     speeds = {name: [] for name, _ in rows}
     decoded = {}
@@ -362,13 +366,13 @@ def exit_view_html(examples: Sequence[Dict], num_layers: int, title: str) -> str
              f"<h1>{html.escape(title)}</h1><p>Each token is coloured by the decoder layer it left at "
              f"(1 = first of {num_layers}); the number beneath is that layer.</p><p>{legend}</p>"]
     for example in examples:
-        parts.append(f"<h3>{html.escape(example['source'])}</h3><p>")
+        spans = []  # joined without whitespace: only a word's first piece is set apart (class w)
         for piece, layer in zip(example["pieces"], example["exit_layers"]):
             gap = " w" if piece.startswith("▁") or piece in SPECIAL_TOKENS else ""
             text = html.escape(piece[1:] if piece.startswith("▁") else piece)
-            parts.append(f'<span class="t{gap}" style="background:{_shade(layer, num_layers, HTML_SCALE)}" '
+            spans.append(f'<span class="t{gap}" style="background:{_shade(layer, num_layers, HTML_SCALE)}" '
                          f'title="layer {layer}">{text}<sub>{layer}</sub></span>')
-        parts.append("</p>")
+        parts.append(f"<h3>{html.escape(example['source'])}</h3><p>{''.join(spans)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -496,7 +500,8 @@ def main(argv=None) -> Dict:
     adapter = task.adapter()
     metric, key = adapter.main_metric, f"eval_{adapter.main_metric}"
     num_layers = settings.decoder_layers
-    max_new_tokens = int(task.length_args[3])
+    source_length = task.length(task.adapter.source_length_arg)
+    max_new_tokens = task.length(task.adapter.eval_length_arg)
 
     out_dir = Path(args.output_dir)
     rows = method_rows(num_layers)
@@ -513,7 +518,7 @@ def main(argv=None) -> Dict:
     timing_began = time.perf_counter()
     sources = eval_sources(task, cached["files"]["eval"], args.timing_samples)
     timed_rows = [(name, flags) for name, flags in rows if name not in UNTIMED_ROWS]
-    timed = time_rows(timed_rows, cached["model_dir"], sources, max_new_tokens, args.timing_rounds)
+    timed = time_rows(timed_rows, cached["model_dir"], sources, source_length, max_new_tokens, args.timing_rounds)
     full_speed = timed["full model"]["tokens_per_second"]
     for name, row in timed.items():
         results[name]["tokens_per_second"] = row["tokens_per_second"]

@@ -121,6 +121,9 @@ def test_exit_view_html_marks_every_token_with_its_layer():
     assert "name: A &lt;B&gt;" in page and "&lt;/s&gt;<sub>2</sub>" in page
     assert re.search(r'background:#1a9850" title="layer 1">Kora<sub>1</sub>', page)
     assert re.search(r'background:#d73027" title="layer 8">tel<sub>8</sub>', page)
+    # a word's pieces touch (no whitespace between spans); a new word's piece is set apart
+    assert re.search(r'Kora<sub>1</sub></span><span class="t" [^>]*>tel', page)
+    assert re.search(r'tel<sub>8</sub></span><span class="t w" [^>]*>&lt;/s&gt;', page)
 
 
 # ----- a short run ----------------------------------------------------------------------------------------
