@@ -77,7 +77,7 @@ def test_every_method_of_the_table_is_valid_and_the_demo_and_sweep_read_it():
     for name in methods.METHODS:
         flags = methods.method_flags(name, min_layer=3, static_layer=6, shallow_layer=4)
         update_autoconfig(T5Config(num_layers=2, num_decoder_layers=24), AdditionalArguments(**flags))
-    rows = {row: flags for row, flags in demo.METHODS}
+    rows = dict(demo.method_rows(6))
     assert rows["JSD contrastive 0.9"] == {"use_early_exit": True, "exit_conf_type": "JSD_contrastive_confidence",
                                            "exit_conf_threshold": 0.9, "exit_min_layer": 3}
     assert rows["FREE shallow-deep, layer 2, softmax 0.9"] == methods.method_flags("shallow_deep", shallow_layer=2)

@@ -151,3 +151,92 @@ def generate_squad(num_contexts: int, seed: int = 0, questions_per_context: int 
 def write_squad(data: Dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
+
+
+# ----- data-to-text: a record of invented facts -> a few templated sentences ---------------------
+# Each record names a person, a style and 4 or 5 facts in random order; the text states the facts in
+# the fixed order below, in the style's templates. Once a sentence has begun, its function words
+# follow from the template (easy tokens for a shallow layer); the style, the names and the numbers
+# must be read from the record (the encoder). {p}: the person (full name first, then the surname),
+# {v}: the value, {a}: "a" or "an" before the value.
+BIO_STYLES = ("formal", "plain", "news")
+BIO_RELATIONS = {
+    "born": ("{p} was born in the year {v}.", "{p} was born in {v}.", "In {v}, {p} was born."),
+    "from": ("{p} was raised in the town of {v}.", "{p} grew up in {v}.", "{p} is from {v}."),
+    "job": ("By profession, {p} was {a} {v}.", "{p} worked as {a} {v}.", "{p} is {a} {v} by trade."),
+    "plays": ("{p} played the {v} with great skill.", "{p} could play the {v}.", "{p} plays the {v}."),
+    "children": ("{p} had {v} children.", "{p} raised {v} children.", "{p} has {v} children."),
+    "prize": ("{p} was awarded the {v}.", "{p} won the {v}.", "{p} received the {v}."),
+    "height": ("{p} stood {v} centimetres tall.", "{p} was {v} cm tall.", "{p} measures {v} cm."),
+    "died": ("{p} died in the year {v}.", "{p} passed away in {v}.", "{p} died in {v}."),
+}
+PRIZES = ("Prize", "Medal", "Award", "Cup")
+
+
+def _bio_value(rng: random.Random, world: _World, relation: str) -> str:
+    if relation in ("born", "died"):
+        return str(rng.randint(1700, 1999))
+    if relation == "from":
+        return rng.choice(world.cities)
+    if relation == "job":
+        return rng.choice(OCCUPATIONS)
+    if relation == "plays":
+        return rng.choice(INSTRUMENTS)
+    if relation == "children":
+        return str(rng.randint(2, 12))
+    if relation == "prize":
+        return f"{rng.choice(world.cities)} {rng.choice(PRIZES)}"
+    return str(rng.randint(140, 210))  # height
+
+
+def bio_example(rng: random.Random, world: _World, min_facts: int = 4, max_facts: int = 5,
+                min_words: int = 20) -> Tuple[str, str]:
+    """(record, text) of one invented person; drawn again until the text has min_words words (each
+    word is at least one token, so the text is at least min_words tokens long)."""
+    while True:
+        record, text = _bio_draw(rng, world, min_facts, max_facts)
+        if len(text.split()) >= min_words:
+            return record, text
+
+
+def _bio_draw(rng: random.Random, world: _World, min_facts: int, max_facts: int) -> Tuple[str, str]:
+    first, last = rng.choice(world.first), rng.choice(world.last)
+    style = rng.randrange(len(BIO_STYLES))
+    chosen = rng.sample(sorted(BIO_RELATIONS), rng.randint(min_facts, max_facts))
+    facts = {relation: _bio_value(rng, world, relation) for relation in chosen}
+    fields = [f"{relation}: {facts[relation]}" for relation in chosen]  # chosen is in random order
+    record = " ; ".join([f"name: {first} {last}", f"style: {BIO_STYLES[style]}"] + fields)
+    sentences = []
+    for relation in BIO_RELATIONS:  # the text's order is fixed, the record's is not
+        if relation in facts:
+            value = facts[relation]
+            person = f"{first} {last}" if not sentences else last
+            article = "an" if value[0] in "aeiou" else "a"
+            sentences.append(BIO_RELATIONS[relation][style].format(p=person, v=value, a=article))
+    return record, " ".join(sentences)
+
+
+def generate_bios(num_examples: int, seed: int = 0, min_facts: int = 4, max_facts: int = 5,
+                  min_words: int = 20, world_seed: int = 12345) -> List[Dict[str, str]]:
+    """Rows {"id", "text" (the record), "summary" (the sentences)}: the summarization columns.
+
+    `seed` draws the examples; `world_seed` the invented names, shared by training and evaluation.
+    """
+    if num_examples < 1:
+        raise ValueError(f"generate_bios needs num_examples >= 1, got {num_examples}.")
+    if not 1 <= min_facts <= max_facts <= len(BIO_RELATIONS):
+        raise ValueError(f"generate_bios needs 1 <= min_facts <= max_facts <= {len(BIO_RELATIONS)}, "
+                         f"got {min_facts} and {max_facts}.")
+    world = _World(world_seed)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_examples):
+        record, text = bio_example(rng, world, min_facts, max_facts, min_words)
+        rows.append({"id": f"s{seed}-{i}", "text": record, "summary": text})
+    return rows
+
+
+def write_jsonl(rows: List[Dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
