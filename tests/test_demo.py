@@ -137,6 +137,7 @@ def tiny_rows(monkeypatch):
         ("full model", "full", {}, {}),
         ("early exit, softmax 0.9", "softmax", {}, {}),
         ("FREE shallow-deep", "shallow_deep", {"shallow_layer": 1}, {}),
+        (demo.LOSSLESS_ROW, "self_speculation", {"shallow_layer": 1, "threshold": 0.0}, {}),
     ])
 
 
@@ -147,20 +148,25 @@ def test_short_demo_run_trains_evaluates_and_reuses_its_cache(tmp_path, monkeypa
     first = demo.main(tiny)
     assert first["model_cached"] is False and first["main_metric"] == "rougeL"
     results = first["results"]
-    assert list(results) == ["full model", "static exit, layer 1", "early exit, softmax 0.9", "FREE shallow-deep"]
+    assert list(results) == ["full model", "static exit, layer 1", "early exit, softmax 0.9", "FREE shallow-deep",
+                             demo.LOSSLESS_ROW]
     assert results["full model"]["eval_block_avg"] == 2.0 and results["full model"]["eval_samples"] == 3
     assert results["static exit, layer 1"]["eval_block_avg"] == 1.0
     assert results["early exit, softmax 0.9"]["eval_block_avg"] <= 2.0
     for row in results.values():
         assert "eval_rougeL" in row and len(row["tokens_per_second_rounds"]) == 2 and row["tokens_per_second"] > 0
     assert results["full model"]["speedup"] == 1.0
-    assert set(first["targets"]) == {"full_model_quality", "blocks_saved", "quality_drop", "speedup"}
+    assert set(first["targets"]) == {"full_model_quality", "blocks_saved", "quality_drop", "speedup",
+                                     "lossless_identical", "lossless_speedup"}
+    assert first["targets"]["lossless_identical"]["met"]  # drafts at threshold 0, verified: the full model's tokens
+    assert results[demo.LOSSLESS_ROW]["eval_block_avg_free"] < results[demo.LOSSLESS_ROW]["eval_block_avg"]
     saved = json.loads((tmp_path / "out" / "demo_results.json").read_text())
     assert saved["results"].keys() == results.keys() and saved["main_metric"] == "rougeL"
     assert saved["static_exit_rougeL"] == {"1": results["static exit, layer 1"]["eval_rougeL"],
                                            "2": results["full model"]["eval_rougeL"]}
     table = (tmp_path / "out" / "demo_results.md").read_text()
-    assert table.startswith("| method | ROUGE-L | ROUGE-2 | block_avg") and "early exit, softmax 0.9" in table
+    assert table.startswith("| method | ROUGE-L | ROUGE-2 | block_avg | block_avg (FREE's count)")
+    assert "early exit, softmax 0.9" in table
     # the per-token view: the target row's tokens at batch 1, each with its exit layer, as the task
     # script's own (batched) evaluation recorded them
     view = first["exit_view"]
