@@ -12,7 +12,8 @@ medians reported. Per shape and batch size, with equal source lengths and with a
                at different layers: wall-clock decoder speedup against full, as a fraction of
                what block_avg allows (L / block_avg)
   softmax      softmax early exit with decaying vocabulary reduction
-Throughput is tokens/s of a batch against batch 1. Memory: the decode state the loop allocates
+Throughput is tokens/s of a batch against the same rows decoded one at a time (batch 1), for
+batches up to --alone-max. Memory: the decode state the loop allocates
 (key/value cache and stacked exit states, from the shapes) and, on CUDA, the peak allocated.
 """
 
@@ -55,16 +56,33 @@ def hf(model, ids, mask, steps):
     return run
 
 
-def meta_threshold(model, ids, mask, steps, L):
-    """The meta threshold whose block_avg is closest to L/2 (random head: varied exits)."""
-    best = None
-    for threshold in (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7):
+def meta_threshold(model, ids, mask, steps, L, iterations: int = 7):
+    """The meta threshold whose block_avg is closest to L/2, by bisection (a lower threshold lets
+    more tokens exit; the random head gives rows varied exits)."""
+    low, high, best = 0.0, 1.0, None
+    for _ in range(iterations):
+        threshold = (low + high) / 2
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, exit_args=AdditionalArguments(
             use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=threshold))
-        gap = abs(model.exit_stats()["block_avg"] - L / 2)
-        if best is None or gap < best[0]:
-            best = (gap, threshold)
+        block_avg = model.exit_stats()["block_avg"]
+        if best is None or abs(block_avg - L / 2) < best[0]:
+            best = (abs(block_avg - L / 2), threshold)
+        low, high = (threshold, high) if block_avg < L / 2 else (low, threshold)
     return best[1]
+
+
+def one_at_a_time(model, ids, mask, steps, args):
+    """The same rows decoded at batch 1, one after another (each without its padding)."""
+    rows = [ids[b : b + 1, mask[b].bool()] for b in range(ids.shape[0])]
+
+    def run():
+        tokens = 0
+        for row in rows:
+            model.generate(input_ids=row, max_new_tokens=steps, exit_args=args)
+            tokens += model.exit_stats()["tokens"]
+        return {"tokens": tokens}
+
+    return run
 
 
 @torch.inference_mode()
@@ -97,6 +115,10 @@ def gather_or_mask(model, batch: int, position: int, rounds: int, device) -> dic
     return out
 
 
+def ratio(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def state_bytes(model, batch, steps):
     c = model.config
     kv = 2 * c.num_decoder_layers * batch * c.num_heads * steps * c.d_kv
@@ -110,6 +132,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--source-length", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--alone-max", type=int, default=8,
+                        help="throughput against the same rows one at a time up to this batch size (time grows with it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     options = parser.parse_args()
     device = torch.device(options.device)
@@ -120,7 +144,6 @@ def main():
         from models.confidence import build_meta_head
         model.cm_head = build_meta_head(model.config.d_model).to(device)
         L = model.config.num_decoder_layers
-        base_tps = {}
         for batch in [int(b) for b in options.batches.split(",")]:
             for padded in (False, True):
                 if padded and batch == 1:
@@ -130,16 +153,20 @@ def main():
                 expected = hf_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=steps)
                 assert torch.equal(out, expected), f"{shape} batch {batch}: full model differs from HF generate"
                 threshold = meta_threshold(model, ids, mask, steps, L)
+                softmax = AdditionalArguments(use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.9,
+                                              type_vocab_reduct="decaying")
                 variants = {
                     "hf": hf(model, ids, mask, steps),
                     "full": ours(model, ids, mask, steps, AdditionalArguments()),
                     "static": ours(model, ids, mask, steps, AdditionalArguments(static_exit_layer=L // 2)),
                     "meta": ours(model, ids, mask, steps, AdditionalArguments(
                         use_early_exit=True, exit_conf_type="meta", exit_conf_threshold=threshold)),
-                    "softmax": ours(model, ids, mask, steps, AdditionalArguments(
-                        use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=0.9,
-                        type_vocab_reduct="decaying")),
+                    "softmax": ours(model, ids, mask, steps, softmax),
                 }
+                alone = 1 < batch <= options.alone_max
+                if alone:
+                    variants["full alone"] = one_at_a_time(model, ids, mask, steps, AdditionalArguments())
+                    variants["softmax alone"] = one_at_a_time(model, ids, mask, steps, softmax)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 results = run_side_by_side(variants, options.rounds, device)
@@ -148,16 +175,15 @@ def main():
                 dec = {name: median(r["decoder"]) for name, r in results.items() if "decoder" in r}
                 block_avg = median(results["meta"]["block_avg"])
                 tps = {name: median(r["tokens"]) / med[name] for name, r in results.items()}
-                if batch == 1:
-                    base_tps = tps
                 cell = {
                     "shape": shape, "batch": batch, "padded": padded,
                     "full_vs_hf_time": med["full"] / med["hf"],
                     "static_fraction_of_ideal": (dec["full"] / dec["static"]) / 2.0,
                     "meta_block_avg": block_avg, "meta_threshold": threshold,
                     "meta_fraction_of_block_avg": (dec["full"] / dec["meta"]) / (L / block_avg),
-                    "full_tps_vs_batch1": tps["full"] / base_tps["full"] if base_tps else None,
-                    "softmax_tps_vs_batch1": tps["softmax"] / base_tps["softmax"] if base_tps else None,
+                    # tokens/s of the batch against the same rows decoded one at a time
+                    "full_tps_vs_batch1": tps["full"] / tps["full alone"] if alone else None,
+                    "softmax_tps_vs_batch1": tps["softmax"] / tps["softmax alone"] if alone else None,
                     "state_mib": state_bytes(model, batch, steps) / 2 ** 20,
                     "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
                     "seconds": med,
@@ -166,7 +192,7 @@ def main():
                 rows.append([shape, batch, "mix" if padded else "equal", f"{cell['full_vs_hf_time']:.2f}",
                              f"{cell['static_fraction_of_ideal']:.2f}",
                              f"{block_avg:.1f} -> {cell['meta_fraction_of_block_avg']:.2f}",
-                             f"{cell['full_tps_vs_batch1']:.1f}", f"{cell['softmax_tps_vs_batch1']:.1f}",
+                             ratio(cell["full_tps_vs_batch1"]), ratio(cell["softmax_tps_vs_batch1"]),
                              f"{cell['state_mib']:.1f}"])
                 print_table(["shape", "batch", "sources", "full/hf time", "static/ideal", "meta block_avg -> /allowed",
                              "full tok/s vs b1", "softmax tok/s vs b1", "state MiB"], rows[-1:])
