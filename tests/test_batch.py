@@ -46,7 +46,10 @@ METHODS = {
     "flops": dict(SOFTMAX, exit_min_layer=2, type_vocab_reduct="decaying", vocab_k_max=16, vocab_k_min=4,
                   count_flops=True),
     "free": dict(FREE, count_flops=True),
-    "free-rollback": dict(FREE, shallow2deep_conf_threshold=0.3, rollback_conf_threshold=0.01),
+    "free-rollback": dict(FREE, rollback_conf_threshold=0.5),
+    # rolls back often; a cross-entropy this close to 0 is within float32 rounding of the threshold
+    # (batch and alone round differently), so it is compared in float64 only
+    "free-rollback-often": dict(FREE, shallow2deep_conf_threshold=0.3, rollback_conf_threshold=0.01),
     "free-non-causal": dict(FREE, parallel_causal_mask=False),
     "free-copied-states": dict(FREE, copy_skipped_hidden_states=True),
     "free-adaptive-threshold": dict(FREE, use_adapt_threshold=True),
@@ -149,7 +152,7 @@ def test_every_row_of_a_batch_decodes_as_it_would_alone_float32(models, method):
     check_rows_equal_alone(models[torch.float32], METHODS[method], "right")
 
 
-@pytest.mark.parametrize("method, counts", [("free-rollback", SUMMED), ("self-speculation", SPECULATION)])
+@pytest.mark.parametrize("method, counts", [("free-rollback-often", SUMMED), ("self-speculation", SPECULATION)])
 def test_method_counts_of_a_batch_are_the_sums_of_its_rows(models, method, counts):
     model = models[torch.float64]
     args = AdditionalArguments(**METHODS[method])
@@ -161,7 +164,7 @@ def test_method_counts_of_a_batch_are_the_sums_of_its_rows(models, method, count
         for key in counts:
             totals[key] += alone[key]
     assert {key: stats[key] for key in counts} == totals
-    if method == "free-rollback":
+    if method == "free-rollback-often":
         assert stats["rollbacks"] > 0 and stats["shallow_tokens"] + stats["deep_tokens"] == stats["tokens"]
     else:
         assert 0 < stats["accepted_tokens"] < stats["drafted_tokens"]  # drafts were accepted and rejected
