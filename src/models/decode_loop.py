@@ -147,6 +147,7 @@ class Rows:
     local: List[int]  # the same, as Python ints
     starts: List[int]
     lengths: List[int]
+    queries: torch.Tensor  # (R, n) query positions on the device; a shorter row's padding repeats its last
     mask: torch.Tensor  # (R, heads, n, T) relative position bias and causal mask, additive
     all_live: bool  # every live row, in order: caches are read as views
 
@@ -159,7 +160,7 @@ class Rows:
         index = torch.tensor(which, dtype=torch.long, device=self.index.device)
         return Rows(self.index.index_select(0, index), [self.local[i] for i in which],
                     [self.starts[i] for i in which], [self.lengths[i] for i in which],
-                    self.mask.index_select(0, index), False)
+                    self.queries.index_select(0, index), self.mask.index_select(0, index), False)
 
 
 @dataclass
@@ -180,7 +181,6 @@ class Replace:
     kept: int
     tokens: List[int]
     exit_layers: List[int]
-    jsd_step: Optional[dict] = None  # the record of this step's check, if it decided a kept token
 
 
 class RowState:
@@ -211,8 +211,7 @@ class RowState:
         result.tokens = result.tokens[:kept] + outcome.tokens
         result.exit_layers = result.exit_layers[: kept - 1] + outcome.exit_layers
         # one record per token: a replaced token keeps the record of the check at its position
-        steps = result.jsd_steps + ([outcome.jsd_step] if outcome.jsd_step is not None else [])
-        result.jsd_steps = steps[: len(result.exit_layers)]
+        result.jsd_steps = result.jsd_steps[: len(result.exit_layers)]
 
 
 TRACE_FIELDS = ("ranks", "confidences", "max_probs", "agrees", "exit_layers")
@@ -225,7 +224,8 @@ class BatchDecoder:
     set at once, so the blocks after its exit layer run only the rows still there (gathered, not
     masked: see the module docstring), and a row that finished leaves the batch. `step` is the
     per-token strategy: `exit_step` (full, static, CALM early exit, FREE without parallel
-    decoding, traces) or models.shallow_deep.ShallowDeepStep.
+    decoding, traces), models.shallow_deep.ShallowDeepStep or
+    models.self_speculation.SelfSpeculativeStep.
     """
 
     def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int, scorer=None,
@@ -269,7 +269,8 @@ class BatchDecoder:
             hidden = torch.arange(keys, device=device) > limit[..., None]  # (R, n, keys)
             mask = mask.masked_fill(hidden[:, None], self.min_value)
         all_live = local == list(range(len(self.live)))
-        return Rows(torch.tensor(local, dtype=torch.long, device=device), list(local), list(starts), list(lengths), mask, all_live)
+        return Rows(torch.tensor(local, dtype=torch.long, device=device), list(local), list(starts), list(lengths),
+                    queries, mask, all_live)
 
     # ----- pieces of one block -------------------------------------------------------------------
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +286,7 @@ class BatchDecoder:
         attention = self.blocks[j].layer[0].SelfAttention
         keys, values = self._split_heads(attention.k(normed)), self._split_heads(attention.v(normed))
         if rows.width == 1:
-            row_index, positions = rows.index, torch.tensor(rows.starts, device=self.device)
+            row_index, positions = rows.index, rows.queries[:, 0]
             keys, values = keys[:, :, 0], values[:, :, 0]
         else:  # only the real positions of each row, not the padding of the shorter ones
             pairs = [(i, r, s + q) for i, (r, s, n) in enumerate(zip(rows.local, rows.starts, rows.lengths))
@@ -420,11 +421,10 @@ class BatchDecoder:
         self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for kv in self.cross]
 
-    def stack_states(self, hidden: torch.Tensor, which: List[int], local: List[int], positions: List[int]) -> None:
-        """Copy the exit states hidden[which] (rows `local` of the batch) for later propagation."""
-        index = torch.tensor(which, dtype=torch.long, device=self.device)
-        self.exit_states[torch.tensor(local, dtype=torch.long, device=self.device), torch.tensor([positions[r] for r in local],
-                         device=self.device)] = hidden.index_select(0, index)[:, 0]
+    def stack_states(self, rows: Rows, hidden: torch.Tensor) -> None:
+        """Copy the states hidden (R, 1, d) of `rows` at their current position, for propagation
+        to skipped blocks or FREE's deep pass."""
+        self.exit_states[rows.index, rows.queries[:, 0]] = hidden[:, 0]
 
     def input_tokens(self) -> torch.Tensor:
         """The last token of every live row, as the next step's input (R, 1)."""
@@ -474,7 +474,8 @@ def exit_step(decoder: BatchDecoder) -> list:
             jsd = scorer.jsd_step
             for i, token in zip(leaving, tokens):
                 outcomes[rows.local[i]] = Emit(token, j + 1, jsd[i] if jsd is not None else None)
-            decoder.stack_states(hidden, leaving, [rows.local[i] for i in leaving], positions)
+            leaving_index = torch.tensor(leaving, dtype=torch.long, device=decoder.device)
+            decoder.stack_states(rows.take(leaving), hidden.index_select(0, leaving_index))
             gone = set(leaving)
             staying = [i for i in range(len(rows.local)) if i not in gone]
             if staying:
@@ -495,7 +496,7 @@ def exit_step(decoder: BatchDecoder) -> list:
         for i, (r, token) in enumerate(zip(rows.local, tokens)):
             outcomes[r] = Emit(token, exit_layer, jsd[i] if jsd is not None else None)
         if tracer is None and policy.last_layer < policy.num_layers:  # static exit: later blocks need this state
-            decoder.stack_states(hidden, list(range(len(rows.local))), rows.local, positions)
+            decoder.stack_states(rows, hidden)
         timer.add("head", mark)
     if not decoder.lazy:
         for j in range(decoder.num_layers):

@@ -1,5 +1,6 @@
 """Typed results of one generate call: one RowResult per row, merged into `exit_stats()`."""
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -20,7 +21,7 @@ class RowResult:
     jsd_steps: List[dict] = field(default_factory=list)  # render_jsds: one per generated token
     # counts of the method: FREE's parallel_tokens (skipped positions recomputed) and rollbacks,
     # self-speculation's drafted_tokens, accepted_tokens, verify_passes, final_verifications
-    counts: Dict[str, int] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
     observations: List[Tuple[float, bool]] = field(default_factory=list)  # adaptive threshold labels
 
     @property
@@ -52,7 +53,7 @@ def merge_rows(rows: List[RowResult], num_layers: int, shallow_layer: Optional[i
         stats["shallow_tokens"] = exits.count(shallow_layer)
         stats["deep_tokens"] = exits.count(num_layers)
     for name in counted:  # the method's work counts, summed over rows
-        stats[name] = sum(row.counts.get(name, 0) for row in rows)
+        stats[name] = sum(row.counts[name] for row in rows)
     per_row = []
     for row in rows:
         figures = {"tokens": len(row.exit_layers), "block_avg": row.block_avg,

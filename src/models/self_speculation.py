@@ -18,7 +18,7 @@ Rows of a batch draft and verify on their own schedules; the rows verifying in a
 deep pass (models.shallow_deep.deep_pass), each over its own positions.
 """
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -63,10 +63,6 @@ def iid_blocks_per_token(num_layers: int, token_acceptance: float, draft_length:
     return num_layers * (n + 1) / tokens
 
 
-def _count(state, name: str, value: int = 1) -> None:
-    state.result.counts[name] = state.result.counts.get(name, 0) + value
-
-
 class SelfSpeculativeStep:
     """One step for every live row: a draft at layer k, or a verification pass."""
 
@@ -101,7 +97,7 @@ class SelfSpeculativeStep:
         outcomes = [None] * len(live)
         verifying = {i: None for i in range(len(live))}  # row -> its final draft, if any
         for i, token in drafting:
-            _count(live[i], "drafted_tokens")
+            live[i].result.counts["drafted_tokens"] += 1
             if token in self.eos_ids or positions[i] + 1 >= decoder.max_new_tokens:
                 verifying[i] = token  # the sequence would end here: verify first
             else:
@@ -122,9 +118,10 @@ class SelfSpeculativeStep:
             drafted = state.result.tokens[start + 1 :] + ([draft] if draft is not None else [])
             full = predictions[d][:n]
             accepted = int(accepted_lengths(torch.tensor(drafted), torch.tensor(full))) if drafted else 0
-            _count(state, "accepted_tokens", accepted)
-            _count(state, "verify_passes")
-            _count(state, "final_verifications", int(draft is not None))
+            counts = state.result.counts
+            counts["accepted_tokens"] += accepted
+            counts["verify_passes"] += 1
+            counts["final_verifications"] += int(draft is not None)
             if accepted == len(drafted) and draft is not None:
                 outcomes[i] = Emit(draft, k)  # the final draft is the full model's token too
             else:  # the first rejected draft (or the current position) gets the full model's token

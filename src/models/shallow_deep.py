@@ -64,8 +64,7 @@ class ShallowDeepStep:
         mark = timer.add("blocks", mark)
         for d, (i, start, n) in enumerate(zip(deep, starts, lengths)):
             state = live[i]
-            counts = state.result.counts
-            counts["parallel_tokens"] = counts.get("parallel_tokens", 0) + n - 1
+            state.result.counts["parallel_tokens"] += n - 1
             outcomes[i] = Emit(predictions[d], L, jsd[i])
             if self.observing:
                 state.result.observations.append((confidences[i], shallow[d] == predictions[d]))
@@ -73,7 +72,7 @@ class ShallowDeepStep:
                 rollback = self._check_skipped(state, logits[d, : n - 1], start, L)
                 if rollback is not None:
                     outcomes[i] = rollback
-                    counts["rollbacks"] = counts.get("rollbacks", 0) + 1
+                    state.result.counts["rollbacks"] += 1
         timer.add("head", mark)
         return outcomes
 
@@ -107,7 +106,7 @@ def shallow_pass(decoder: BatchDecoder):
     for j in range(k):
         previous, hidden = hidden, decoder.block(j, hidden, rows)
         scorer.remember(j + 1, hidden)
-    decoder.exit_states[rows.index, torch.tensor(positions, dtype=torch.long, device=decoder.device)] = hidden[:, 0]
+    decoder.stack_states(rows, hidden)
     timer.add("blocks", mark)
     return positions, hidden, previous
 
@@ -119,13 +118,10 @@ def deep_pass(decoder: BatchDecoder, rows: List[int], positions: List[int], all_
     logits): the full head at every position (R, n, V) with `all_positions`, else at each row's
     last position (R, V); its FLOPs are counted with the blocks."""
     k, L = decoder.policy.max_checked_layer, decoder.policy.num_layers
-    device = decoder.device
     starts = [decoder.cache.filled[k][r] for r in rows]
     lengths = [positions[r] - s + 1 for r, s in zip(rows, starts)]
     selection = decoder.select(rows, starts, lengths, causal=causal)
-    queries = torch.tensor(starts, device=device)[:, None] + torch.arange(selection.width, device=device)
-    queries = torch.minimum(queries, torch.tensor([positions[r] for r in rows], device=device)[:, None])
-    chunk = decoder.exit_states[selection.index[:, None], queries]  # (R, n, d)
+    chunk = decoder.exit_states[selection.index[:, None], selection.queries]  # (R, n, d)
     for j in range(k, L):
         chunk = decoder.block(j, chunk, selection)
     if not all_positions:
