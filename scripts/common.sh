@@ -62,7 +62,8 @@ if [ "$DO_TRAIN" = true ]; then
 fi
 
 # ----- evaluation ---------------------------------------------------------------------------------
-# Decoding methods: every one runs in the deploy scenario (batch size 1, speed and exit statistics).
+# Decoding methods: every one runs in the deploy scenario (speed and exit statistics; batch size 1
+# unless --per_device_eval_batch_size is given, with identical results at any size).
 # METHOD_ARGS+=(--count_flops True)        # FLOPs of blocks, confidence and encoder
 # METHOD_ARGS+=(--plotting_logits True)    # per-layer ranks, confidence and agreement plots
 if [ "$DO_EVAL" = true ]; then

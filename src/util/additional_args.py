@@ -48,7 +48,7 @@ class AdditionalArguments:
     """Arguments for early-exit decoding of encoder-decoder models."""
 
     # deployment
-    deploy_scenario: bool = _flag(False, "Evaluate one sample at a time with the early-exit decode loop, measuring speed.")
+    deploy_scenario: bool = _flag(False, "Evaluate with the early-exit decode loop, measuring speed (--per_device_eval_batch_size rows at once, 1 by default).")
     use_synchronize: bool = _flag(True, "Synchronise the accelerator around timed components (ignored on CPU, which needs none).")
 
     # training intermediate layers
