@@ -46,6 +46,7 @@ from models.flops import (
     skipped_block_flops,
 )
 from models.kv_cache import KVCache
+from models.projection import feed_forward, project
 from models.results import RowResult
 
 
@@ -126,7 +127,7 @@ def scaled_norm(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """z = W s(norm(h)): the model's own output head."""
-    return model.lm_head(scaled_norm(model, hidden))
+    return project(model.lm_head, scaled_norm(model, hidden))
 
 
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
@@ -277,14 +278,14 @@ class BatchDecoder:
         return x.view(x.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _attend(self, attention, query_input, keys, values, mask):
-        query = self._split_heads(attention.q(query_input))
+        query = self._split_heads(project(attention.q, query_input))
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
-        return attention.o(out.transpose(1, 2).reshape(out.shape[0], -1, self.num_heads * self.head_dim))
+        return project(attention.o, out.transpose(1, 2).reshape(out.shape[0], -1, self.num_heads * self.head_dim))
 
     def _store_self_kv(self, j: int, normed: torch.Tensor, rows: Rows) -> None:
         """Keys/values of block j for the valid query positions of `rows` (normed (R, n, d))."""
         attention = self.blocks[j].layer[0].SelfAttention
-        keys, values = self._split_heads(attention.k(normed)), self._split_heads(attention.v(normed))
+        keys, values = self._split_heads(project(attention.k, normed)), self._split_heads(project(attention.v, normed))
         if rows.width == 1:
             row_index, positions = rows.index, rows.queries[:, 0]
             keys, values = keys[:, :, 0], values[:, :, 0]
@@ -304,8 +305,8 @@ class BatchDecoder:
         each row's FLOPs are counted when that row first reaches the block, as alone."""
         if self.cross[j] is None:
             attention = self.blocks[j].layer[1].EncDecAttention
-            self.cross[j] = (self._split_heads(attention.k(self.encoder_states)),
-                             self._split_heads(attention.v(self.encoder_states)))
+            self.cross[j] = (self._split_heads(project(attention.k, self.encoder_states)),
+                             self._split_heads(project(attention.v, self.encoder_states)))
         if self.count_flops:
             for r in rows.local:
                 state = self.live[r]
@@ -337,7 +338,7 @@ class BatchDecoder:
             if self.count_flops:
                 result.flops.blocks += sum(decoder_block_flops(self.shape, p + 1, self.live[r].encoder_length)
                                            for p in range(s, s + n))
-        return _clamp_fp16(ff_layer(hidden))
+        return _clamp_fp16(feed_forward(ff_layer, hidden))
 
     def propagate(self, j: int, local: List[int], upto: List[int]) -> None:
         """Give block j keys/values for each row's positions filled..upto-1 from their copied
@@ -352,7 +353,7 @@ class BatchDecoder:
         attention = self.blocks[j].layer[0].SelfAttention
         normed = self.blocks[j].layer[0].layer_norm(self.exit_states[row_index, positions])  # (P, d)
         split = (-1, self.num_heads, self.head_dim)
-        self.cache.write(j, row_index, positions, attention.k(normed).view(split), attention.v(normed).view(split),
+        self.cache.write(j, row_index, positions, project(attention.k, normed).view(split), project(attention.v, normed).view(split),
                          [b for _, _, b in pending], [r for r, _, _ in pending])
         if self.count_flops:
             for r, a, b in pending:

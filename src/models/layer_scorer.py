@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from models import confidence as measures
 from models.decode_loop import output_logits
 from models.flops import head_flops, output_head_flops
+from models.projection import project
 from models.vocab_reduction import RetainedSets
 
 CONTRASTIVE = ("contrastive_decoding", "reweight_contrastive_decoding", "JSD_contrastive_confidence")
@@ -27,6 +28,7 @@ class LayerScorer:
     def __init__(self, model, args, conf_type: str, record_jsd: bool = False):
         self.model = model
         self.kind = conf_type
+        self.head = model.lm_head
         self.weight = model.lm_head.weight
         norm = model.decoder.final_layer_norm
         scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else 1.0
@@ -97,7 +99,7 @@ class LayerScorer:
         normed = self.normed(hidden)
         reduced = self.reduced
         if reduced is None or not reduced.started:
-            self.logits, self.reduced_scores = F.linear(normed[:, 0], self.weight), False
+            self.logits, self.reduced_scores = project(self.head, normed[:, 0]), False
             self._count_each(lambda shape: head_flops(shape, self.weight.shape[0]))
             if reduced is not None:
                 reduced.start(layer, self.logits, self.weight)
@@ -210,7 +212,7 @@ class LayerScorer:
                     counter.blocks += output_head_flops(counter.shape)
             return output_logits(self.model, exiting)[:, 0].argmax(-1)
         start = self.start_layer
-        full = F.linear(self.start_normed.index_select(0, index)[:, 0], self.weight)  # (E, V)
+        full = project(self.head, self.start_normed.index_select(0, index)[:, 0])  # (E, V)
         if counters is not None:
             for counter in counters:
                 counter.confidence += head_flops(counter.shape, self.weight.shape[0])

@@ -1,0 +1,68 @@
+"""Why the decode loop projects as (W x^T)^T on CPU: F.linear against models.projection.project.
+
+    .venv/bin/python bench/bench_kernels.py [--rows 1,2,3,4,5,8,16,32] [--rounds 7] [--device cpu]
+
+For each weight of a T5-large decoder block (1024x1024 attention, 4096x1024 and 1024x4096
+feed-forward) and of the LM head (32128x1024), the time of one projection of R rows, both ways,
+side by side in interleaved rounds (medians), and the ratio against one row.
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import median, print_table, save_results, synchronize
+from models.projection import project
+
+WEIGHTS = {"attention 1024x1024": (1024, 1024), "ff in 4096x1024": (4096, 1024),
+           "ff out 1024x4096": (1024, 4096), "head 32128x1024": (32128, 1024)}
+
+
+def time_call(fn, device, repeats: int) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,3,4,5,8,16,32")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [int(r) for r in args.rows.split(",")]
+    table, payload = [], []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, (out_features, in_features) in WEIGHTS.items():
+            layer = torch.nn.Linear(in_features, out_features, bias=False).to(device)
+            repeats = 5 if out_features > 8192 else 30
+            times = {}
+            for r in rows:
+                x = torch.randn(r, in_features, device=device)
+                variants = {"F.linear": lambda: F.linear(x, layer.weight), "project": lambda: project(layer, x)}
+                for fn in variants.values():
+                    fn()
+                seconds = {v: [] for v in variants}
+                for _ in range(args.rounds):
+                    for v, fn in variants.items():
+                        seconds[v].append(time_call(fn, device, repeats))
+                times[r] = {v: median(s) * 1e3 for v, s in seconds.items()}
+            for r in rows:
+                linear, ours = times[r]["F.linear"], times[r]["project"]
+                table.append([name, r, f"{linear:.3f}", f"{ours:.3f}", f"{linear / ours:.2f}",
+                              f"{linear / times[rows[0]]['F.linear']:.2f}", f"{ours / times[rows[0]]['project']:.2f}"])
+                payload.append(dict(weight=name, rows=r, linear_ms=linear, project_ms=ours))
+    print_table(["weight", "rows", "F.linear ms", "project ms", "speedup", f"F.linear / {rows[0]} row",
+                 f"project / {rows[0]} row"], table)
+    print("results:", save_results("bench_kernels", {"device": str(device), "rows": payload}))
+
+
+if __name__ == "__main__":
+    main()

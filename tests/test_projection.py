@@ -1,0 +1,41 @@
+"""models.projection against torch's own modules: the same results, computed the other way round."""
+
+import pytest
+import torch
+
+from models.projection import feed_forward, project
+from engine_helpers import deploy_model, tiny_config
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_equals_linear(rows, bias):
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 3, 48)  # leading dims are kept
+    out = project(layer, x)
+    assert out.shape == (rows, 3, 80) and out.is_contiguous()
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+    if not bias:  # one row: the same matrix-vector product, bit for bit
+        assert torch.equal(project(layer, x[:1, :1]), layer(x[:1, :1]))
+
+
+def test_project_calls_anything_but_a_plain_linear():
+    class Doubled(torch.nn.Linear):  # an adapter-like subclass whose forward is not W x
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Doubled(8, 4)
+    x = torch.randn(3, 8)
+    assert torch.equal(project(layer, x), layer(x))
+
+
+@pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
+def test_feed_forward_equals_t5_layer_ff(proj):
+    model = deploy_model(tiny_config(feed_forward_proj=proj), seed=3)
+    ff = model.decoder.block[1].layer[2]
+    hidden = torch.randn(4, 2, 32) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(feed_forward(ff, hidden), ff(hidden), rtol=1e-5, atol=1e-5)
+        assert torch.equal(feed_forward(ff, hidden[:1, :1]), ff(hidden[:1, :1]))
+        assert not torch.equal(feed_forward(ff, hidden), hidden)  # the sublayer does something
