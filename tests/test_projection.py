@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.projection import feed_forward, project
+from models.projection import STREAMED_WEIGHTS, feed_forward, project
 from engine_helpers import deploy_model, tiny_config
 
 
@@ -18,6 +18,17 @@ def test_project_equals_linear(rows, bias):
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
     if not bias:  # one row: the same matrix-vector product, bit for bit
         assert torch.equal(project(layer, x[:1, :1]), layer(x[:1, :1]))
+
+
+def test_one_row_against_a_large_weight_is_the_row_of_a_two_row_product():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1024, 4200, bias=False)  # above STREAMED_WEIGHTS
+    assert layer.weight.numel() > STREAMED_WEIGHTS
+    x = torch.randn(1, 1024)
+    out = project(layer, x)
+    assert out.shape == (1, 4200)
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-4)
+    assert torch.equal(out, project(layer, torch.cat([x, x]))[:1])
 
 
 def test_project_calls_anything_but_a_plain_linear():
