@@ -1,6 +1,7 @@
 """Self-speculative shallow-deep decoding against the full model (CPU, batch 1).
 
-    .venv/bin/python bench/bench_speculation.py [--rounds 3] [--samples 2] [--new_tokens 32]
+    .venv/bin/python bench/bench_speculation.py [--rounds 3] [--samples 6] [--new_tokens 32]
+                                                [--targets 0.5 0.8 0.95] [--draft_lengths 1 2 3 4 6 8]
 
 A T5-large-shaped model (24 decoder blocks, d_model 1024, vocabulary 32128) with random weights,
 shallow layer 6 (L/4). Its deep blocks are made to agree with the shallow exit at a controlled
@@ -16,8 +17,12 @@ model repeat its input token forever, so every draft would trivially agree).
 
 Every setting runs with threshold 0 (draft whenever allowed, `max_draft_tokens` in a row), side
 by side with the full model in interleaved rounds; tokens/s is the median over rounds; every
-output is asserted identical to the full model's. The demo-model part runs only when
-cache/demo_model exists (`make demo`).
+output is asserted identical to the full model's.
+
+The demo model (cache/demo_bio, written by `make demo`; skipped when absent) runs the same
+comparison on its first --demo_samples evaluation sources, at threshold 0 and at the demo's
+softmax 0.9, with its own shallow layer 2 of 8: acceptance there is whatever the trained model
+gives.
 """
 
 import argparse
@@ -38,7 +43,8 @@ from common import (  # common puts src/ on the path
 from models.self_speculation import expected_blocks_per_token
 
 SHALLOW = 6  # L/4 of T5-large's 24 decoder blocks (set from --shape in main)
-DEMO_MODEL = ROOT / "cache" / "demo_model" / "model"
+DEMO_CACHE = ROOT / "cache" / "demo_bio"
+DEMO_SHALLOW, DEMO_THRESHOLDS = 2, (0.0, 0.9)
 
 
 def deep_projections(model):
@@ -98,26 +104,91 @@ def decode_all(model, inputs, new_tokens, **flags):
     return run
 
 
-def speculation_flags(max_draft):
-    return dict(use_shallow_deep=True, shallow_exit_layer=SHALLOW, shallow2deep_conf_type="softmax",
-                shallow2deep_conf_threshold=0.0, use_self_speculation=True, max_draft_tokens=max_draft)
+def speculation_flags(max_draft, shallow=None, threshold=0.0):
+    return dict(use_shallow_deep=True, shallow_exit_layer=shallow or SHALLOW, shallow2deep_conf_type="softmax",
+                shallow2deep_conf_threshold=threshold, use_self_speculation=True, max_draft_tokens=max_draft)
 
 
 def summed(stats, key):
     return sum(s[key] for s in stats)
 
 
+def measure(variants, rounds, num_layers, labels):
+    """Runs the variants side by side (the first is the full model); one summary row each, every
+    output asserted identical to the full model's."""
+    results = run_side_by_side(variants, rounds, torch.device("cpu"))
+    full = results["full model"]
+    expected = full["outputs"][0]
+    tokens = sum(out.shape[1] - 1 for out in expected)
+    full_speed = tokens / median(full["seconds"])
+    summary = []
+    for name, result in results.items():
+        for outputs in result["outputs"]:  # the guarantee, checked on every run
+            assert all(torch.equal(a, b) for a, b in zip(outputs, expected)), f"{name} differs from the full model"
+        stats = result["stats"][0]
+        speed = tokens / median(result["seconds"])
+        row = dict(labels, setting=name, tokens_per_s=speed, speedup=speed / full_speed,
+                   block_avg=summed(stats, "block_avg") / len(stats))
+        if name != "full model":
+            drafted, accepted = summed(stats, "drafted_tokens"), summed(stats, "accepted_tokens")
+            passes = summed(stats, "verify_passes")
+            row.update(acceptance_rate=accepted / drafted, drafted_per_pass=drafted / passes,
+                       accepted_per_pass=accepted / passes,
+                       predicted_blocks=expected_blocks_per_token(num_layers, accepted / drafted, drafted / passes))
+        summary.append(row)
+    return summary
+
+
+def table_row(first, second, row):
+    return [first, second, row["setting"],
+            f"{row['acceptance_rate']:.2f}" if "acceptance_rate" in row else "-",
+            f"{row['accepted_per_pass']:.2f}" if "accepted_per_pass" in row else "-",
+            f"{row['block_avg']:.1f}",
+            f"{row['predicted_blocks']:.1f}" if "predicted_blocks" in row else "-",
+            f"{row['tokens_per_s']:.2f}", f"{row['speedup']:.2f}x"]
+
+
+def demo_part(args):
+    """The trained demo model: full model against self-speculation, its own data."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from demo import TASKS, eval_sources
+    from models.deploying_t5 import DeployT5ForConditionalGeneration
+
+    model_dir = DEMO_CACHE / "model"
+    task = TASKS["bio"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir)).eval()
+    sources = eval_sources(task, DEMO_CACHE / "data" / "eval.jsonl", args.demo_samples)
+    inputs = [tokenizer(text, max_length=task.length("max_source_length"), truncation=True,
+                        return_tensors="pt").input_ids for text in sources]
+    new_tokens = task.length("max_target_length")
+    variants = {"full model": decode_all(model, inputs, new_tokens)}
+    for threshold in DEMO_THRESHOLDS:
+        for n in args.draft_lengths:
+            variants[f"softmax {threshold}, n={n}"] = decode_all(
+                model, inputs, new_tokens, **speculation_flags(n, DEMO_SHALLOW, threshold))
+    print(f"demo model: {len(inputs)} sources, running {args.rounds} rounds", flush=True)
+    summary = measure(variants, args.rounds, model.config.num_decoder_layers, {})
+    print(f"\ndemo model (cache/demo_bio, {model.config.num_decoder_layers} decoder layers, shallow layer "
+          f"{DEMO_SHALLOW}), {len(inputs)} evaluation sources, median of {args.rounds} rounds")
+    print_table(["setting", "acceptance", "accepted/pass", "block_avg", "predicted blocks", "tokens/s", "vs full"],
+                [table_row("", "", row)[2:] for row in summary])
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="t5-large", help="t5-small: a quick check of the script itself")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--source_length", type=int, default=16)
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.95])
+    parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.95],
+                        help="per-token agreement levels of the random model; none: only the demo model")
     parser.add_argument("--draft_lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    parser.add_argument("--demo_samples", type=int, default=50)
     args = parser.parse_args()
-    device = torch.device("cpu")
 
     global SHALLOW
     model = build_model(args.shape)
@@ -137,38 +208,18 @@ def main():
         variants = {"full model": decode_all(model, inputs, args.new_tokens)}
         for n in args.draft_lengths:
             variants[f"n={n}"] = decode_all(model, inputs, args.new_tokens, **speculation_flags(n))
-        results = run_side_by_side(variants, args.rounds, device)
-        full = results["full model"]
-        expected = full["outputs"][0]
-        tokens = sum(out.shape[1] - 1 for out in expected)
-        full_speed = tokens / median(full["seconds"])
-        for name, result in results.items():
-            for outputs in result["outputs"]:  # the guarantee, checked on every run
-                assert all(torch.equal(a, b) for a, b in zip(outputs, expected)), f"{name} differs from the full model"
-            stats = result["stats"][0]
-            speed = tokens / median(result["seconds"])
-            row = {"target_agreement": target, "deep_scale": s, "setting": name, "tokens_per_s": speed,
-                   "speedup": speed / full_speed, "block_avg": summed(stats, "block_avg") / len(stats)}
-            if name != "full model":
-                drafted, accepted = summed(stats, "drafted_tokens"), summed(stats, "accepted_tokens")
-                passes = summed(stats, "verify_passes")
-                row.update(acceptance_rate=accepted / drafted, drafted_per_pass=drafted / passes,
-                           accepted_per_pass=accepted / passes,
-                           predicted_blocks=expected_blocks_per_token(num_layers, accepted / drafted, drafted / passes))
+        for row in measure(variants, args.rounds, num_layers, dict(target_agreement=target, deep_scale=s)):
             summary.append(row)
-            rows.append([f"{target:.2f}", f"{s:.4f}", name,
-                         f"{row['acceptance_rate']:.2f}" if "acceptance_rate" in row else "-",
-                         f"{row['accepted_per_pass']:.2f}" if "accepted_per_pass" in row else "-",
-                         f"{row['block_avg']:.1f}",
-                         f"{row['predicted_blocks']:.1f}" if "predicted_blocks" in row else "-",
-                         f"{speed:.2f}", f"{row['speedup']:.2f}x"])
-    print(f"{args.shape} shape, random weights, shallow layer {SHALLOW}, {args.samples} samples x {args.new_tokens} "
-          f"tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
-    print_table(["target", "deep scale", "setting", "acceptance", "accepted/pass", "block_avg",
-                 "predicted blocks", "tokens/s", "vs full"], rows)
-    if not DEMO_MODEL.is_dir():
-        print(f"\n(no demo model in {DEMO_MODEL}: its part is skipped; run `make demo` first)")
-    saved = save_results("bench_speculation", {"args": vars(args), "results": summary})
+            rows.append(table_row(f"{target:.2f}", f"{s:.4f}", row))
+    if rows:
+        print(f"{args.shape} shape, random weights, shallow layer {SHALLOW}, {args.samples} samples x "
+              f"{args.new_tokens} tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
+        print_table(["target", "deep scale", "setting", "acceptance", "accepted/pass", "block_avg",
+                     "predicted blocks", "tokens/s", "vs full"], rows)
+    demo = demo_part(args) if (DEMO_CACHE / "model").is_dir() else []
+    if not demo:
+        print(f"\n(no demo model in {DEMO_CACHE}: its part is skipped; run `make demo` first)")
+    saved = save_results("bench_speculation", {"args": vars(args), "results": summary, "demo": demo})
     print(f"\nsaved {saved}")
 
 
