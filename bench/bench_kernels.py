@@ -1,13 +1,17 @@
 """Why the decode loop projects as (W x^T)^T on CPU: F.linear against models.projection.project.
 
-    .venv/bin/python bench/bench_kernels.py [--rows 1,2,3,4,5,8,16,32] [--rounds 7] [--device cpu]
+    .venv/bin/python bench/bench_kernels.py [--rows 1,2,3,4,5,8,16,32] [--rounds 5] [--cold-mib 256] [--device cpu]
 
 For each weight of a T5-large decoder block (1024x1024 attention, 4096x1024 and 1024x4096
 feed-forward) and of the LM head (32128x1024), the time of one projection of R rows, both ways,
-side by side in interleaved rounds (medians), and the ratio against one row.
+side by side in interleaved rounds (medians), and the ratio against one row. Each call goes to
+the next of enough copies of the weight to exceed the CPU's caches (--cold-mib), as in decoding,
+where no block's weights are still in cache when the next token reaches it; --cold-mib 0 times
+one cache-hot weight instead.
 """
 
 import argparse
+import math
 import time
 
 import torch
@@ -20,20 +24,22 @@ WEIGHTS = {"attention 1024x1024": (1024, 1024), "ff in 4096x1024": (4096, 1024),
            "ff out 1024x4096": (1024, 4096), "head 32128x1024": (32128, 1024)}
 
 
-def time_call(fn, device, repeats: int) -> float:
+def time_calls(fn, layers, device) -> float:
+    """Seconds per call of fn(layer), over every layer in turn."""
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    for layer in layers:
+        fn(layer)
     synchronize(device)
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / len(layers)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,3,4,5,8,16,32")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cold-mib", type=int, default=256, help="weights cycled through per shape (0: one, cache-hot)")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [int(r) for r in args.rows.split(",")]
@@ -41,18 +47,21 @@ def main():
     torch.manual_seed(0)
     with torch.no_grad():
         for name, (out_features, in_features) in WEIGHTS.items():
-            layer = torch.nn.Linear(in_features, out_features, bias=False).to(device)
-            repeats = 5 if out_features > 8192 else 30
+            size_mib = out_features * in_features * 4 / 2**20
+            copies = max(2, math.ceil(args.cold_mib / size_mib)) if args.cold_mib else 1
+            layers = [torch.nn.Linear(in_features, out_features, bias=False).to(device) for _ in range(copies)]
+            layers = layers * max(1, 8 // copies)  # at least 8 calls per timing
             times = {}
             for r in rows:
                 x = torch.randn(r, in_features, device=device)
-                variants = {"F.linear": lambda: F.linear(x, layer.weight), "project": lambda: project(layer, x)}
+                variants = {"F.linear": lambda layer: F.linear(x, layer.weight),
+                            "project": lambda layer: project(layer, x)}
                 for fn in variants.values():
-                    fn()
+                    time_calls(fn, layers, device)
                 seconds = {v: [] for v in variants}
                 for _ in range(args.rounds):
                     for v, fn in variants.items():
-                        seconds[v].append(time_call(fn, device, repeats))
+                        seconds[v].append(time_calls(fn, layers, device))
                 times[r] = {v: median(s) * 1e3 for v, s in seconds.items()}
             for r in rows:
                 linear, ours = times[r]["F.linear"], times[r]["project"]
@@ -61,7 +70,8 @@ def main():
                 payload.append(dict(weight=name, rows=r, linear_ms=linear, project_ms=ours))
     print_table(["weight", "rows", "F.linear ms", "project ms", "speedup", f"F.linear / {rows[0]} row",
                  f"project / {rows[0]} row"], table)
-    print("results:", save_results("bench_kernels", {"device": str(device), "rows": payload}))
+    print(f"{'cold' if args.cold_mib else 'cache-hot'} weights, median of {args.rounds} rounds")
+    print("results:", save_results("bench_kernels", {"device": str(device), "cold_mib": args.cold_mib, "rows": payload}))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 A decode step projects a handful of rows at a time: one query per running row, or a few
 stacked positions in FREE's parallel pass and the self-speculative verification. On CPU, torch's
-`F.linear` (x W^T, MKL) is slow for 2 to 64 rows: on this 2-core machine it costs about as much
-per row as one matrix-vector product up to 4 rows, while the same product computed as (W x^T)^T
-reads W once and costs 1.1-1.5x one row (bench/bench_kernels.py prints both). At one row both
-are the same matrix-vector product, bit for bit, except against a weight too large to stay in
-cache (the LM head): MKL's matrix-vector product streams it on one thread (6.4 ms for T5-large's
-head), so the row is computed twice as a 2-row product instead (3.1 ms). Other devices keep
-`F.linear`.
+`F.linear` (x W^T, MKL) is slow there: for 2 to 4 rows it costs about one matrix-vector product
+per row, and the matrix-vector product itself, on weights that are not in cache (a decoder's
+blocks and head never are), streams W on one thread. The same product computed as (W x^T)^T
+reads W once with both threads: a T5-large 4096x1024 projection of 1 row costs 0.79 ms with
+F.linear and 0.40 ms as a 2-row W x^T, of 2 rows 1.64 against 0.44 ms (bench/bench_kernels.py,
+weights cycled so that none stays in cache). So on CPU every projection goes as W x^T, and a
+single row is computed as a 2-row product (the row twice). Results differ from F.linear's in the
+last bits only (summation order). Other devices keep `F.linear`.
 
 `feed_forward` is T5's feed-forward sublayer (plain or gated) with these projections; it
 follows transformers' T5LayerFF step for step (layer norm, activation, dropout, the cast to
@@ -17,21 +18,16 @@ follows transformers' T5LayerFF step for step (layer norm, activation, dropout, 
 
 import torch
 
-# Above this many weights a matrix-vector product is slower than a 2-row product (measured:
-# 4096x1024 0.25 against 0.28 ms, 8192x1024 1.54 against 0.68 ms).
-STREAMED_WEIGHTS = 1 << 22
-
-
 def project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """layer(x) for x (..., d_in); on CPU as (W x^T)^T. Anything but a plain nn.Linear (an
     adapter, a quantised layer) is called as it is."""
     if x.device.type != "cpu" or type(layer) is not torch.nn.Linear:
         return layer(x)
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] == 1 and layer.weight.numel() > STREAMED_WEIGHTS:
-        out = torch.matmul(layer.weight, torch.cat([flat, flat]).T)[:, :1].T.contiguous()
-    else:
-        out = torch.matmul(layer.weight, flat.T).T.contiguous()
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
+    if rows == 1:  # not a matrix-vector product: see the module docstring
+        flat = torch.cat([flat, flat])
+    out = torch.matmul(layer.weight, flat.T).T[:rows].contiguous()
     if layer.bias is not None:
         out = out + layer.bias
     return out.reshape(*x.shape[:-1], out.shape[-1])

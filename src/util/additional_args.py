@@ -81,7 +81,7 @@ class AdditionalArguments:
     adapt_threshold_level: float = _flag(0.9, "zeta: posterior of 'shallow agrees with deep' that the adaptive threshold must reach, in (0, 1).")
     adapt_threshold_samples: int = _flag(300, "The adaptive threshold is refitted after each of this many first samples.")
     use_self_speculation: bool = _flag(False, "Verify the shallow layer's tokens with one deep pass: output identical to the full model.")
-    max_draft_tokens: int = _flag(3, "Self-speculation: a verification pass is forced after this many drafted tokens (>= 1).")
+    max_draft_tokens: int = _flag(2, "Self-speculation: a verification pass is forced after this many drafted tokens (>= 1).")
 
     # LoRA
     use_lora: bool = _flag(False, "Fine-tune with low-rank adapters (peft).")
