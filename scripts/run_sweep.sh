@@ -3,6 +3,7 @@
 #
 #   bash scripts/run_sweep.sh                     # the defaults below
 #   MODEL=save/squad_t5_large TASK=qa VALIDATION_FILE=dev-v1.1.json bash scripts/run_sweep.sh
+#   TASK=qa bash scripts/run_sweep.sh             # the QA demo model (python src/demo.py --task qa)
 #   bash scripts/run_sweep.sh --max_eval_samples 200   # extra arguments go to every cell
 #
 # Stop it at any time: finished cells are kept, and the next run skips them.
@@ -12,9 +13,14 @@ cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-TASK=${TASK:-qa}                                   # qa | summarization | translation
-MODEL=${MODEL:-cache/demo_model/model}              # a fine-tuned checkpoint (the demo model by default)
-VALIDATION_FILE=${VALIDATION_FILE:-cache/demo_model/data/eval.json}
+TASK=${TASK:-summarization}                        # qa | summarization | translation
+# a fine-tuned checkpoint; by default the demo's (`make demo`: data-to-text; `--task qa`: QA)
+case "$TASK" in
+  qa) DEMO=cache/demo_model; DEMO_EVAL=eval.json ;;
+  *) DEMO=cache/demo_bio; DEMO_EVAL=eval.jsonl ;;
+esac
+MODEL=${MODEL:-$DEMO/model}
+VALIDATION_FILE=${VALIDATION_FILE:-$DEMO/data/$DEMO_EVAL}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/sweep_$TASK}
 THRESHOLDS=${THRESHOLDS:-0.5,0.7,0.8,0.9,0.95}
 CONF_TYPES=${CONF_TYPES:-softmax,reweight_contrastive_decoding,JSD_contrastive_confidence}

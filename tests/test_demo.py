@@ -206,5 +206,5 @@ def test_bad_demo_arguments_name_the_flag(argv, message):
 def test_each_task_has_its_own_cache_and_outputs():
     bio, qa = demo.parse_args([]), demo.parse_args(["--task", "qa"])
     assert bio.task == "bio" and bio.cache_dir.endswith("cache/demo_bio") and bio.output_dir.endswith("outputs/demo")
-    assert qa.cache_dir.endswith("cache/demo_model")  # where bench/ and scripts/run_sweep.sh find the QA model
+    assert qa.cache_dir.endswith("cache/demo_model")  # where bench/ and `TASK=qa scripts/run_sweep.sh` find it
     assert qa.output_dir.endswith("outputs/demo_qa") and qa.train_contexts == demo.QASettings().train_contexts
