@@ -221,3 +221,39 @@ def test_rows_that_end_early_leave_the_batch(models):
 def test_every_row_of_a_batch_decodes_as_it_would_alone_on_cuda(models, method):
     model = copy.deepcopy(models[torch.float32]).to("cuda")
     check_rows_equal_alone(model, METHODS[method], "right")
+
+
+# The test models are far below models.projection.SMALL_WEIGHTS, so the loop would call their
+# modules as they are; these run the W x^T path (every projection, one row as a 2-row product).
+@pytest.fixture
+def transposed_projections(monkeypatch):
+    import models.projection
+
+    monkeypatch.setattr(models.projection, "SMALL_WEIGHTS", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["softmax", "flops", "meta-adaptive", "jsd", "free-rollback", "self-speculation"])
+def test_rows_decode_as_alone_with_transposed_projections(models, method, dtype, transposed_projections):
+    check_rows_equal_alone(models[dtype], METHODS[method], "right")
+
+
+def test_full_model_equals_hf_generate_with_transposed_projections(transposed_projections):
+    test_full_model_batch_equals_hf_generate_with_the_same_padding("left")
+    model = deploy_model(tiny_config(feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    row = torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    expected = hf_twin(model).generate(input_ids=row, max_new_tokens=10, do_sample=False, num_beams=1)
+    assert torch.equal(model.generate(input_ids=row, max_new_tokens=10), expected)  # one row: 2-row products
+
+
+@pytest.mark.parametrize("method", ["full", "free-rollback", "self-speculation"])
+def test_memory_no_row_wrote_cannot_reach_a_row(models, method):
+    """Rows read the cache positions that other rows filled, masked (weight exactly 0). In
+    deterministic mode torch fills uninitialised memory with NaN, and 0 x NaN would turn a row's
+    attention into NaN: buffers must start as numbers (they once started as torch.empty)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_rows_equal_alone(models[torch.float32], METHODS[method], "right")
+    finally:
+        torch.use_deterministic_algorithms(previous)

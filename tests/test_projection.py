@@ -4,21 +4,28 @@ import pytest
 import torch
 
 from engine_helpers import deploy_model, tiny_config
-from models.projection import feed_forward, project
+from models.projection import SMALL_WEIGHTS, feed_forward, project
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 33])
 @pytest.mark.parametrize("bias", [False, True])
 def test_project_equals_linear(rows, bias):
     torch.manual_seed(rows)
-    layer = torch.nn.Linear(48, 80, bias=bias)
-    x = torch.randn(rows, 3, 48)  # leading dims are kept
+    layer = torch.nn.Linear(256, 1024, bias=bias)  # SMALL_WEIGHTS: the smallest that goes W x^T
+    x = torch.randn(rows, 3, 256)  # leading dims are kept
     out = project(layer, x)
-    assert out.shape == (rows, 3, 80) and out.is_contiguous()
+    assert out.shape == (rows, 3, 1024) and out.is_contiguous()
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
     if rows == 1:  # one row is the first row of a 2-row product
         single = x[:1, :1]
         assert torch.equal(project(layer, single), project(layer, torch.cat([single, single], dim=1))[:, :1])
+
+
+def test_small_weights_go_through_the_module():
+    layer = torch.nn.Linear(48, 80)
+    assert layer.weight.numel() < SMALL_WEIGHTS
+    x = torch.randn(5, 48)
+    assert torch.equal(project(layer, x), layer(x))
 
 
 def test_project_calls_anything_but_a_plain_linear():
@@ -26,16 +33,17 @@ def test_project_calls_anything_but_a_plain_linear():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    layer = Doubled(8, 4)
-    x = torch.randn(3, 8)
+    layer = Doubled(512, 512)
+    x = torch.randn(3, 512)
     assert torch.equal(project(layer, x), layer(x))
 
 
 @pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
 def test_feed_forward_equals_t5_layer_ff(proj):
-    model = deploy_model(tiny_config(feed_forward_proj=proj), seed=3)
+    # d_ff x d_model = SMALL_WEIGHTS: the feed-forward weights go W x^T
+    model = deploy_model(tiny_config(feed_forward_proj=proj, d_model=256, d_ff=1024, num_layers=2), seed=3)
     ff = model.decoder.block[1].layer[2]
-    hidden = torch.randn(4, 2, 32) * 3
+    hidden = torch.randn(4, 2, 256) * 3
     with torch.no_grad():
         torch.testing.assert_close(feed_forward(ff, hidden), ff(hidden), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(feed_forward(ff, hidden[:1, :1]), ff(hidden[:1, :1]), rtol=1e-5, atol=1e-5)

@@ -405,8 +405,8 @@ class BatchDecoder:
             self.live.append(RowState(b, start_token, L, lengths[b], flops, self.tracing))
         timer.add("encoder", mark)
         self.cache = KVCache(L, B, self.num_heads, self.max_new_tokens, self.head_dim, self.device, self.dtype)
-        self.exit_states = torch.empty((B, self.max_new_tokens, self.model.config.d_model), device=self.device,
-                                       dtype=self.dtype)
+        self.exit_states = torch.zeros((B, self.max_new_tokens, self.model.config.d_model), device=self.device,
+                                       dtype=self.dtype)  # padded positions of FREE's deep pass read it
         self.cross = [None] * L
 
     def _keep(self, keep: List[int]) -> None:

@@ -14,8 +14,10 @@ class KVCache:
     def __init__(self, num_blocks: int, rows: int, num_heads: int, capacity: int, head_dim: int,
                  device, dtype):
         shape = (num_blocks, rows, num_heads, capacity, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: a row reads the positions other rows filled, masked; attention weights
+        # them by exactly 0, but 0 times a NaN left in unused memory is NaN
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.filled: List[List[int]] = [[0] * rows for _ in range(num_blocks)]  # [block][row]
 
     def write(self, block: int, rows: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
