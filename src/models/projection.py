@@ -7,8 +7,8 @@ per row, and the matrix-vector product itself, on weights that are not in cache 
 blocks and head never are), streams W on one thread. The same product computed as (W x^T)^T
 reads W once with both threads: a T5-large 4096x1024 projection of 1 row costs 0.79 ms with
 F.linear and 0.40 ms as a 2-row W x^T, of 2 rows 1.64 against 0.44 ms (bench/bench_kernels.py,
-weights cycled so that none stays in cache). So on CPU every projection goes as W x^T, and a
-single row is computed as a 2-row product (the row twice). Results differ from F.linear's in the
+weights cycled so that none stays in cache). So on CPU every projection of a weight of at least
+SMALL_WEIGHTS goes as W x^T, and a single row is computed as a 2-row product (the row twice). Results differ from F.linear's in the
 last bits only (summation order). Other devices keep `F.linear`.
 
 `feed_forward` is T5's feed-forward sublayer (plain or gated) with these projections; it
