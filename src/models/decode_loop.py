@@ -3,8 +3,10 @@
 We own the loop instead of patching `generate`: each token runs decoder blocks one at a time, so
 it can stop after any of them. Attention is computed here over preallocated key/value buffers
 (models.kv_cache) with the same kernel (SDPA, scale 1, relative position bias as additive mask)
-that T5 uses in transformers 5.x; layer norms and feed-forward layers are the model's own
-modules. With no exit the loop therefore reproduces HF's greedy `generate` token for token.
+that T5 uses in transformers 5.x; layer norms are the model's own modules, and projections and
+feed-forward sublayers use its weights through models.projection (the same products, computed in
+the orientation that is fast for a few rows on CPU). With no exit the loop therefore reproduces
+HF's greedy `generate` token for token.
 
 A batch decodes together, each row as if alone: its own position (FREE's rollback moves one row
 back while the others go on), its own relative position bias slice and key/value fill state per
@@ -353,8 +355,8 @@ class BatchDecoder:
         attention = self.blocks[j].layer[0].SelfAttention
         normed = self.blocks[j].layer[0].layer_norm(self.exit_states[row_index, positions])  # (P, d)
         split = (-1, self.num_heads, self.head_dim)
-        self.cache.write(j, row_index, positions, project(attention.k, normed).view(split), project(attention.v, normed).view(split),
-                         [b for _, _, b in pending], [r for r, _, _ in pending])
+        keys, values = project(attention.k, normed).view(split), project(attention.v, normed).view(split)
+        self.cache.write(j, row_index, positions, keys, values, [b for _, _, b in pending], [r for r, _, _ in pending])
         if self.count_flops:
             for r, a, b in pending:
                 self.live[r].result.flops.blocks += skipped_block_flops(self.shape, b - a)
