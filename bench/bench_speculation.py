@@ -177,19 +177,8 @@ def demo_part(args):
     return summary
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="t5-large", help="t5-small: a quick check of the script itself")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=6)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--source_length", type=int, default=16)
-    parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.95],
-                        help="per-token agreement levels of the random model; none: only the demo model")
-    parser.add_argument("--draft_lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
-    parser.add_argument("--demo_samples", type=int, default=50)
-    args = parser.parse_args()
-
+def random_model_part(args):
+    """The T5-shaped random model at each target agreement: full model against every draft length."""
     global SHALLOW
     model = build_model(args.shape)
     num_layers = model.config.num_decoder_layers
@@ -211,15 +200,31 @@ def main():
         for row in measure(variants, args.rounds, num_layers, dict(target_agreement=target, deep_scale=s)):
             summary.append(row)
             rows.append(table_row(f"{target:.2f}", f"{s:.4f}", row))
-    if rows:
-        print(f"{args.shape} shape, random weights, shallow layer {SHALLOW}, {args.samples} samples x "
-              f"{args.new_tokens} tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
-        print_table(["target", "deep scale", "setting", "acceptance", "accepted/pass", "block_avg",
-                     "predicted blocks", "tokens/s", "vs full"], rows)
+    print(f"{args.shape} shape, random weights, shallow layer {SHALLOW}, {args.samples} samples x "
+          f"{args.new_tokens} tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
+    print_table(["target", "deep scale", "setting", "acceptance", "accepted/pass", "block_avg",
+                 "predicted blocks", "tokens/s", "vs full"], rows)
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="t5-large", help="t5-small: a quick check of the script itself")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--source_length", type=int, default=16)
+    parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.95],
+                        help="per-token agreement levels of the random model; none: only the demo model")
+    parser.add_argument("--draft_lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    parser.add_argument("--demo_samples", type=int, default=50)
+    args = parser.parse_args()
+
+    results = random_model_part(args) if args.targets else []
     demo = demo_part(args) if (DEMO_CACHE / "model").is_dir() else []
     if not demo:
         print(f"\n(no demo model in {DEMO_CACHE}: its part is skipped; run `make demo` first)")
-    saved = save_results("bench_speculation", {"args": vars(args), "results": summary, "demo": demo})
+    saved = save_results("bench_speculation", {"args": vars(args), "results": results, "demo": demo})
     print(f"\nsaved {saved}")
 
 
