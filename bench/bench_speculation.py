@@ -1,4 +1,4 @@
-"""Self-speculative shallow-deep decoding against the full model (CPU, batch 1).
+"""Self-speculative shallow-deep decoding against the full model (batch 1; CUDA when available).
 
     .venv/bin/python bench/bench_speculation.py [--rounds 3] [--samples 6] [--new_tokens 32]
                                                 [--targets 0.5 0.8 0.95] [--draft_lengths 1 2 3 4 6 8]
@@ -43,6 +43,7 @@ from common import (  # common puts src/ on the path
 from models.self_speculation import expected_blocks_per_token
 
 SHALLOW = 6  # L/4 of T5-large's 24 decoder blocks (set from --shape in main)
+DEVICE = torch.device("cpu")  # set from --device in main
 DEMO_CACHE = ROOT / "cache" / "demo_bio"
 DEMO_SHALLOW, DEMO_THRESHOLDS = 2, (0.0, 0.9)
 
@@ -116,7 +117,7 @@ def summed(stats, key):
 def measure(variants, rounds, num_layers, labels):
     """Runs the variants side by side (the first is the full model); one summary row each, every
     output asserted identical to the full model's."""
-    results = run_side_by_side(variants, rounds, torch.device("cpu"))
+    results = run_side_by_side(variants, rounds, DEVICE)
     full = results["full model"]
     expected = full["outputs"][0]
     tokens = sum(out.shape[1] - 1 for out in expected)
@@ -158,10 +159,11 @@ def demo_part(args):
     model_dir = DEMO_CACHE / "model"
     task = TASKS["bio"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir)).eval()
+    model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir))
+    model = model.eval().to(DEVICE)
     sources = eval_sources(task, DEMO_CACHE / "data" / "eval.jsonl", args.demo_samples)
     inputs = [tokenizer(text, max_length=task.length("max_source_length"), truncation=True,
-                        return_tensors="pt").input_ids for text in sources]
+                        return_tensors="pt").input_ids.to(DEVICE) for text in sources]
     new_tokens = task.length("max_target_length")
     variants = {"full model": decode_all(model, inputs, new_tokens)}
     for threshold in DEMO_THRESHOLDS:
@@ -180,7 +182,7 @@ def demo_part(args):
 def random_model_part(args):
     """The T5-shaped random model at each target agreement: full model against every draft length."""
     global SHALLOW
-    model = build_model(args.shape)
+    model = build_model(args.shape, device=DEVICE)
     num_layers = model.config.num_decoder_layers
     SHALLOW = num_layers // 4
     torch.manual_seed(1)
@@ -218,7 +220,10 @@ def main():
                         help="per-token agreement levels of the random model; none: only the demo model")
     parser.add_argument("--draft_lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--demo_samples", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     results = random_model_part(args) if args.targets else []
     demo = demo_part(args) if (DEMO_CACHE / "model").is_dir() else []
