@@ -10,6 +10,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from models.projection import project
+
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """x in at least float32 (float64 stays float64)."""
@@ -43,9 +45,13 @@ def state_confidence(hidden: torch.Tensor, previous_hidden: torch.Tensor) -> tor
     return F.cosine_similarity(_wide(hidden), _wide(previous_hidden), dim=-1)
 
 
-def meta_confidence(meta_head: torch.nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
-    """P(exit) from the trained meta classifier applied to norm(h_l)."""
-    return F.softmax(_wide(meta_head(normed_hidden)), dim=-1)[..., 1]
+def meta_confidence(meta_head: torch.nn.Sequential, normed_hidden: torch.Tensor) -> torch.Tensor:
+    """P(exit) from the trained meta classifier applied to norm(h_l); its linear layers go through
+    models.projection, as the decode loop's own."""
+    scores = normed_hidden
+    for layer in meta_head:
+        scores = project(layer, scores)
+    return F.softmax(_wide(scores), dim=-1)[..., 1]
 
 
 def build_meta_head(d_model: int) -> torch.nn.Module:
