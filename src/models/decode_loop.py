@@ -15,9 +15,9 @@ at a layer leave the running set: the later blocks run only the rows still there
 a smaller batch rather than computed for every row and masked. Gathering copies the running
 rows' cached keys/values once per block (a view when every live row runs); masking would run
 every block for every row. Measured (bench/bench_batch.py, `gather_or_mask`, one middle block at
-batch 8 on this 2-core CPU, projections as models.projection computes them): T5-large 5.8 ms for
-all 8 rows against 2.9 / 2.2 / 2.1 ms for 4 / 2 / 1 gathered rows; T5-small 1.4 against
-0.9 / 0.6 / 0.6 ms. Gathering is never slower, so it is the only path. Finished rows leave the
+batch 8 on this 2-core CPU, projections as models.projection computes them): T5-large 5.6 ms for
+all 8 rows against 2.6 / 2.0 / 1.9 ms for 4 / 2 / 1 gathered rows; T5-small 0.9 against
+0.6 / 0.5 / 0.5 ms. Gathering is never slower, so it is the only path. Finished rows leave the
 batch for good: every buffer is compacted once when a row ends.
 
 Skipped blocks (state propagation): when a token exits at layer e, every block j > e still needs
