@@ -42,15 +42,13 @@ from common import (  # common puts src/ on the path
 )
 from models.self_speculation import expected_blocks_per_token
 
-SHALLOW = 6  # L/4 of T5-large's 24 decoder blocks (set from --shape in main)
-DEVICE = torch.device("cpu")  # set from --device in main
 DEMO_CACHE = ROOT / "cache" / "demo_bio"
 DEMO_SHALLOW, DEMO_THRESHOLDS = 2, (0.0, 0.9)
 
 
-def deep_projections(model):
+def deep_projections(model, shallow: int):
     """The weights whose scale sets how much the deep blocks change the prediction."""
-    for block in model.decoder.block[SHALLOW:]:
+    for block in model.decoder.block[shallow:]:
         yield block.layer[0].SelfAttention.o.weight
         yield block.layer[1].EncDecAttention.o.weight
         yield block.layer[2].DenseReluDense.wo.weight
@@ -59,8 +57,8 @@ def deep_projections(model):
 class DeepScale:
     """Sets the deep output projections to original * s (from kept originals: no drift)."""
 
-    def __init__(self, model):
-        self.weights = list(deep_projections(model))
+    def __init__(self, model, shallow: int):
+        self.weights = list(deep_projections(model, shallow))
         self.originals = [w.detach().clone() for w in self.weights]
 
     @torch.no_grad()
@@ -69,10 +67,11 @@ class DeepScale:
             weight.copy_(original * s)
 
 
-def greedy_path_agreement(model, inputs, new_tokens) -> float:
-    """Share of tokens where layer 6's argmax equals the full model's, along the full model's
-    greedy path: self-speculation with one draft per pass drafts every token on a verified prefix."""
-    configure(model, **speculation_flags(1))
+def greedy_path_agreement(model, shallow: int, inputs, new_tokens) -> float:
+    """Share of tokens where the shallow layer's argmax equals the full model's, along the full
+    model's greedy path: self-speculation with one draft per pass drafts every token on a verified
+    prefix."""
+    configure(model, **speculation_flags(1, shallow))
     drafted = accepted = 0
     for input_ids in inputs:
         model.generate(input_ids=input_ids, max_new_tokens=new_tokens)
@@ -81,13 +80,13 @@ def greedy_path_agreement(model, inputs, new_tokens) -> float:
     return accepted / drafted
 
 
-def calibrate(model, scale: DeepScale, target: float, inputs, new_tokens, steps: int = 6) -> float:
+def calibrate(model, shallow: int, scale: DeepScale, target: float, inputs, new_tokens, steps: int = 6) -> float:
     """s with agreement(s) close to target, by bisection on log s in [1e-3, 1]."""
     low, high = math.log(1e-3), 0.0  # agreement falls as s grows
     for _ in range(steps):
         middle = (low + high) / 2
         scale.set(math.exp(middle))
-        if greedy_path_agreement(model, inputs, new_tokens) > target:
+        if greedy_path_agreement(model, shallow, inputs, new_tokens) > target:
             low = middle
         else:
             high = middle
@@ -105,8 +104,8 @@ def decode_all(model, inputs, new_tokens, **flags):
     return run
 
 
-def speculation_flags(max_draft, shallow=None, threshold=0.0):
-    return dict(use_shallow_deep=True, shallow_exit_layer=shallow or SHALLOW, shallow2deep_conf_type="softmax",
+def speculation_flags(max_draft, shallow, threshold=0.0):
+    return dict(use_shallow_deep=True, shallow_exit_layer=shallow, shallow2deep_conf_type="softmax",
                 shallow2deep_conf_threshold=threshold, use_self_speculation=True, max_draft_tokens=max_draft)
 
 
@@ -114,10 +113,10 @@ def summed(stats, key):
     return sum(s[key] for s in stats)
 
 
-def measure(variants, rounds, num_layers, labels):
+def measure(variants, rounds, device, num_layers, labels):
     """Runs the variants side by side (the first is the full model); one summary row each, every
     output asserted identical to the full model's."""
-    results = run_side_by_side(variants, rounds, DEVICE)
+    results = run_side_by_side(variants, rounds, device)
     full = results["full model"]
     expected = full["outputs"][0]
     tokens = sum(out.shape[1] - 1 for out in expected)
@@ -160,10 +159,11 @@ def demo_part(args):
     task = TASKS["bio"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir))
-    model = model.eval().to(DEVICE)
+    device = torch.device(args.device)
+    model = model.eval().to(device)
     sources = eval_sources(task, DEMO_CACHE / "data" / "eval.jsonl", args.demo_samples)
     inputs = [tokenizer(text, max_length=task.length("max_source_length"), truncation=True,
-                        return_tensors="pt").input_ids.to(DEVICE) for text in sources]
+                        return_tensors="pt").input_ids.to(device) for text in sources]
     new_tokens = task.length("max_target_length")
     variants = {"full model": decode_all(model, inputs, new_tokens)}
     for threshold in DEMO_THRESHOLDS:
@@ -171,7 +171,7 @@ def demo_part(args):
             variants[f"softmax {threshold}, n={n}"] = decode_all(
                 model, inputs, new_tokens, **speculation_flags(n, DEMO_SHALLOW, threshold))
     print(f"demo model: {len(inputs)} sources, running {args.rounds} rounds", flush=True)
-    summary = measure(variants, args.rounds, model.config.num_decoder_layers, {})
+    summary = measure(variants, args.rounds, device, model.config.num_decoder_layers, {})
     print(f"\ndemo model (cache/demo_bio, {model.config.num_decoder_layers} decoder layers, shallow layer "
           f"{DEMO_SHALLOW}), {len(inputs)} evaluation sources, median of {args.rounds} rounds")
     print_table(["setting", "acceptance", "accepted/pass", "block_avg", "predicted blocks", "tokens/s", "vs full"],
@@ -181,28 +181,28 @@ def demo_part(args):
 
 def random_model_part(args):
     """The T5-shaped random model at each target agreement: full model against every draft length."""
-    global SHALLOW
-    model = build_model(args.shape, device=DEVICE)
+    device = torch.device(args.device)
+    model = build_model(args.shape, device=device)
     num_layers = model.config.num_decoder_layers
-    SHALLOW = num_layers // 4
+    shallow = num_layers // 4  # 6 of T5-large's 24 decoder blocks
     torch.manual_seed(1)
     with torch.no_grad():  # an untied head: see the module docstring
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
-    scale = DeepScale(model)
+    scale = DeepScale(model, shallow)
     inputs = sample_inputs(model, args.samples, args.source_length)
 
     summary, rows = [], []
     for target in args.targets:
-        s = calibrate(model, scale, target, inputs, args.new_tokens)
+        s = calibrate(model, shallow, scale, target, inputs, args.new_tokens)
         scale.set(s)
         print(f"agreement {target}: deep scale {s:.4f}, running {args.rounds} rounds", flush=True)
         variants = {"full model": decode_all(model, inputs, args.new_tokens)}
         for n in args.draft_lengths:
-            variants[f"n={n}"] = decode_all(model, inputs, args.new_tokens, **speculation_flags(n))
-        for row in measure(variants, args.rounds, num_layers, dict(target_agreement=target, deep_scale=s)):
+            variants[f"n={n}"] = decode_all(model, inputs, args.new_tokens, **speculation_flags(n, shallow))
+        for row in measure(variants, args.rounds, device, num_layers, dict(target_agreement=target, deep_scale=s)):
             summary.append(row)
             rows.append(table_row(f"{target:.2f}", f"{s:.4f}", row))
-    print(f"{args.shape} shape, random weights, shallow layer {SHALLOW}, {args.samples} samples x "
+    print(f"{args.shape} shape, random weights, shallow layer {shallow}, {args.samples} samples x "
           f"{args.new_tokens} tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
     print_table(["target", "deep scale", "setting", "acceptance", "accepted/pass", "block_avg",
                  "predicted blocks", "tokens/s", "vs full"], rows)
@@ -222,8 +222,6 @@ def main():
     parser.add_argument("--demo_samples", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
 
     results = random_model_part(args) if args.targets else []
     demo = demo_part(args) if (DEMO_CACHE / "model").is_dir() else []

@@ -64,7 +64,6 @@ class ExitPolicy:
     position_temp: Optional[float] = None
     max_checked_layer: Optional[int] = None  # shallow-deep: the shallow layer only
 
-
     @classmethod
     def from_args(cls, args, num_layers: int) -> "ExitPolicy":
         if args.use_shallow_deep:
