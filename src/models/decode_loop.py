@@ -451,6 +451,9 @@ def exit_step(decoder: BatchDecoder) -> list:
     hidden = decoder.embed(decoder.input_tokens())
     outcomes = [None] * len(live)
     would_exit = [None] * len(live)
+    # rows whose token is the output head's: (local rows, states (E, d), exit layer, JSD records),
+    # predicted together at the end of the step (a head per exit layer would read W each time)
+    for_head = []
     last = policy.num_layers if tracer is not None else policy.last_layer
     for j in range(last):
         if decoder.lazy:
@@ -472,12 +475,16 @@ def exit_step(decoder: BatchDecoder) -> list:
             timer.add("confidence", mark)
             continue
         if leaving:
-            tokens = scorer.predict(j + 1, hidden, leaving).tolist()
-            jsd = scorer.jsd_step
-            for i, token in zip(leaving, tokens):
-                outcomes[rows.local[i]] = Emit(token, j + 1, jsd[i] if jsd is not None else None)
             leaving_index = torch.tensor(leaving, dtype=torch.long, device=decoder.device)
-            decoder.stack_states(rows.take(leaving), hidden.index_select(0, leaving_index))
+            exiting = hidden.index_select(0, leaving_index)
+            jsd = scorer.jsd_step
+            if scorer.exits_read_output_head:
+                for_head.append(([rows.local[i] for i in leaving], exiting[:, 0], j + 1, None))
+            else:
+                tokens = scorer.predict(j + 1, hidden, leaving).tolist()
+                for i, token in zip(leaving, tokens):
+                    outcomes[rows.local[i]] = Emit(token, j + 1, jsd[i] if jsd is not None else None)
+            decoder.stack_states(rows.take(leaving), exiting)
             gone = set(leaving)
             staying = [i for i in range(len(rows.local)) if i not in gone]
             if staying:
@@ -488,18 +495,24 @@ def exit_step(decoder: BatchDecoder) -> list:
         timer.add("confidence", mark)
         if not rows.local:
             break
+    mark = timer.now()
     if rows.local:
-        mark = timer.now()
         jsd = scorer.jsd_step if scorer is not None else None
         if tracer is not None:
-            tokens, exit_layer = tracer.finish(would_exit, policy.last_layer), policy.num_layers
+            tokens = tracer.finish(would_exit, policy.last_layer)
+            for i, (r, token) in enumerate(zip(rows.local, tokens)):
+                outcomes[r] = Emit(token, policy.num_layers, jsd[i] if jsd is not None else None)
         else:
-            tokens, exit_layer = decoder.output_head(hidden[:, 0], rows.local).tolist(), policy.last_layer
-        for i, (r, token) in enumerate(zip(rows.local, tokens)):
-            outcomes[r] = Emit(token, exit_layer, jsd[i] if jsd is not None else None)
-        if tracer is None and policy.last_layer < policy.num_layers:  # static exit: later blocks need this state
-            decoder.stack_states(rows, hidden)
-        timer.add("head", mark)
+            for_head.append((rows.local, hidden[:, 0], policy.last_layer, jsd))
+            if policy.last_layer < policy.num_layers:  # static exit: later blocks need this state
+                decoder.stack_states(rows, hidden)
+    if for_head:
+        local = [r for group in for_head for r in group[0]]
+        tokens = iter(decoder.output_head(torch.cat([group[1] for group in for_head]), local).tolist())
+        for group_rows, _, exit_layer, jsd in for_head:
+            for i, r in enumerate(group_rows):
+                outcomes[r] = Emit(next(tokens), exit_layer, jsd[i] if jsd is not None else None)
+    timer.add("head", mark)
     if not decoder.lazy:
         for j in range(decoder.num_layers):
             decoder.propagate(j, list(range(len(live))), [t + 1 for t in positions])

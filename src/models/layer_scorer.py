@@ -44,6 +44,9 @@ class LayerScorer:
         self.record_jsd = record_jsd
         # meta/state measures need no vocabulary scores to decide: heads only at the exit layer
         self.scores_to_decide = conf_type == "softmax" or conf_type in CONTRASTIVE
+        # meta/state without reduction: an exiting row's token is the output head's argmax, which
+        # the decode loop computes once per step for every row that left (one pass over W)
+        self.exits_read_output_head = not self.scores_to_decide and not self.reduction
 
     # ----- per token step ---------------------------------------------------------------------
     def start_step(self, counters: Optional[list]) -> None:
