@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from engine_helpers import deploy_model, tiny_config
-from models.projection import SMALL_WEIGHTS, feed_forward, project
+from transformers.models.longt5.modeling_longt5 import LongT5LayerNorm
+from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+from models.projection import SMALL_WEIGHTS, feed_forward, layer_norm, project
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 33])
@@ -48,3 +51,16 @@ def test_feed_forward_equals_t5_layer_ff(proj):
         torch.testing.assert_close(feed_forward(ff, hidden), ff(hidden), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(feed_forward(ff, hidden[:1, :1]), ff(hidden[:1, :1]), rtol=1e-5, atol=1e-5)
         assert not torch.equal(feed_forward(ff, hidden), hidden)  # the sublayer does something
+
+
+@pytest.mark.parametrize("norm_class", [T5LayerNorm, LongT5LayerNorm])
+@pytest.mark.parametrize("d", [32, 128, 512, 1024])
+def test_layer_norm_gives_the_modules_bits_in_float32(norm_class, d):
+    torch.manual_seed(d)
+    norm = norm_class(d, eps=1e-6)
+    norm.weight.data = torch.randn(d)
+    x = torch.randn(7, 3, d) * 5
+    with torch.no_grad():
+        assert torch.equal(layer_norm(norm, x), norm(x))
+        # float64 is left to the module, which computes the variance in float32
+        assert torch.equal(layer_norm(norm.double(), x.double()), norm(x.double()))

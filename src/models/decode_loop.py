@@ -3,10 +3,10 @@
 We own the loop instead of patching `generate`: each token runs decoder blocks one at a time, so
 it can stop after any of them. Attention is computed here over preallocated key/value buffers
 (models.kv_cache) with the same kernel (SDPA, scale 1, relative position bias as additive mask)
-that T5 uses in transformers 5.x; layer norms are the model's own modules, and projections and
-feed-forward sublayers use its weights through models.projection (the same products, computed in
-the orientation that is fast for a few rows on CPU). With no exit the loop therefore reproduces
-HF's greedy `generate` token for token.
+that T5 uses in transformers 5.x; layer norms, projections and feed-forward sublayers use its
+weights through models.projection (the same products and norms, computed in the way that is fast
+for a few rows on CPU). With no exit the loop therefore reproduces HF's greedy `generate` token
+for token.
 
 A batch decodes together, each row as if alone: its own position (FREE's rollback moves one row
 back while the others go on), its own relative position bias slice and key/value fill state per
@@ -48,7 +48,7 @@ from models.flops import (
     skipped_block_flops,
 )
 from models.kv_cache import KVCache
-from models.projection import feed_forward, project
+from models.projection import feed_forward, layer_norm, project
 from models.results import RowResult
 
 
@@ -120,7 +120,7 @@ class ComponentTimer:
 
 def scaled_norm(model, hidden: torch.Tensor) -> torch.Tensor:
     """s(norm(h)): the decoder's final norm and T5's output scaling, what the LM head reads."""
-    normed = model.decoder.final_layer_norm(hidden)
+    normed = layer_norm(model.decoder.final_layer_norm, hidden)
     if model.config.scale_decoder_outputs:
         normed = normed * model.model_dim ** -0.5
     return normed
@@ -324,14 +324,14 @@ class BatchDecoder:
         """Block j (0-based) on the query positions of `rows` (hidden (R, n, d)), reading and
         extending the caches."""
         self_layer, cross_layer, ff_layer = self.blocks[j].layer
-        normed = self_layer.layer_norm(hidden)
+        normed = layer_norm(self_layer.layer_norm, hidden)
         self._store_self_kv(j, normed, rows)
         keys, values = self.cache.read(j, rows.index, rows.mask.shape[-1], rows.all_live)
         hidden = hidden + self._attend(self_layer.SelfAttention, normed, keys, values, rows.mask)
         hidden = _clamp_fp16(hidden)
         keys, values, cross_mask = self._cross_kv(j, rows)
-        hidden = hidden + self._attend(cross_layer.EncDecAttention, cross_layer.layer_norm(hidden), keys, values,
-                                       cross_mask)
+        normed = layer_norm(cross_layer.layer_norm, hidden)
+        hidden = hidden + self._attend(cross_layer.EncDecAttention, normed, keys, values, cross_mask)
         hidden = _clamp_fp16(hidden)
         for r, s, n in zip(rows.local, rows.starts, rows.lengths):
             result = self.live[r].result
@@ -352,7 +352,7 @@ class BatchDecoder:
         row_index = torch.tensor([r for r, a, b in pending for _ in range(a, b)], dtype=torch.long, device=self.device)
         positions = torch.tensor([p for r, a, b in pending for p in range(a, b)], dtype=torch.long, device=self.device)
         attention = self.blocks[j].layer[0].SelfAttention
-        normed = self.blocks[j].layer[0].layer_norm(self.exit_states[row_index, positions])  # (P, d)
+        normed = layer_norm(self.blocks[j].layer[0].layer_norm, self.exit_states[row_index, positions])  # (P, d)
         split = (-1, self.num_heads, self.head_dim)
         keys, values = project(attention.k, normed).view(split), project(attention.v, normed).view(split)
         self.cache.write(j, row_index, positions, keys, values, [b for _, _, b in pending], [r for r, _, _ in pending])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from models import confidence as measures
 from models.decode_loop import output_logits
 from models.flops import head_flops, output_head_flops
-from models.projection import project
+from models.projection import layer_norm, project
 from models.vocab_reduction import RetainedSets
 
 CONTRASTIVE = ("contrastive_decoding", "reweight_contrastive_decoding", "JSD_contrastive_confidence")
@@ -128,8 +128,8 @@ class LayerScorer:
             values = measures.state_confidence(hidden, previous)[:, 0].tolist()
             self._count_each(lambda shape: 6 * shape.d_model)
         elif kind == "meta":
-            values = measures.meta_confidence(self.model.cm_head, self.model.decoder.final_layer_norm(hidden))
-            values = values[:, 0].tolist()
+            normed = layer_norm(self.model.decoder.final_layer_norm, hidden)
+            values = measures.meta_confidence(self.model.cm_head, normed)[:, 0].tolist()
             self._count_each(lambda shape: 2 * shape.d_model * shape.d_model + 2 * shape.d_model * 2)
         else:
             values = self._contrastive_rows(layer)
