@@ -12,6 +12,9 @@ medians reported. Per shape and batch size, with equal source lengths and with a
                at different layers: wall-clock decoder speedup against full, as a fraction of
                what block_avg allows (L / block_avg)
   softmax      softmax early exit with decaying vocabulary reduction
+Below each row, the profile of the meta figure: full and meta decoder time split into blocks,
+confidence checks, output heads and propagation (the loop's own timer); and, with the throughput
+figures, the encoder's share of each (batch and rows alone).
 Throughput is tokens/s of a batch against the same rows decoded one at a time (batch 1), for
 batches up to --alone-max. Memory: the decode state the loop allocates
 (key/value cache and stacked exit states, from the shapes) and, on CUDA, the peak allocated.
@@ -25,6 +28,9 @@ import torch
 from common import build_model, hf_generate, median, print_table, run_side_by_side, save_results, synchronize
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from util.additional_args import AdditionalArguments
+
+
+COMPONENTS = ("blocks", "confidence", "head", "propagation")  # the decoder's time, as the loop's timer splits it
 
 
 def batch_inputs(model, batch: int, length: int, padded: bool, seed: int = 1):
@@ -42,8 +48,10 @@ def ours(model, ids, mask, steps, args):
     def run():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, exit_args=args)
         stats = model.exit_stats()
-        return {"decoder": stats["time_total"] - stats["time_encoder"], "block_avg": stats["block_avg"],
-                "tokens": stats["tokens"]}
+        out = {"decoder": stats["time_total"] - stats["time_encoder"], "encoder": stats["time_encoder"],
+               "block_avg": stats["block_avg"], "tokens": stats["tokens"]}
+        out.update({name: stats[f"time_{name}"] for name in COMPONENTS})
+        return out
 
     return run
 
@@ -76,11 +84,12 @@ def one_at_a_time(model, ids, mask, steps, args):
     rows = [ids[b : b + 1, mask[b].bool()] for b in range(ids.shape[0])]
 
     def run():
-        tokens = 0
+        tokens, encoder = 0, 0.0
         for row in rows:
             model.generate(input_ids=row, max_new_tokens=steps, exit_args=args)
-            tokens += model.exit_stats()["tokens"]
-        return {"tokens": tokens}
+            stats = model.exit_stats()
+            tokens, encoder = tokens + stats["tokens"], encoder + stats["time_encoder"]
+        return {"tokens": tokens, "encoder": encoder}
 
     return run
 
@@ -188,6 +197,9 @@ def main():
                     "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
                     "seconds": med,
                 }
+                # the profile behind the meta figure: where each variant's decoder time goes
+                cell["decoder_ms"] = {name: {part: 1e3 * median(results[name][part]) for part in ("decoder",) + COMPONENTS}
+                                      for name in ("full", "meta")}
                 payload["cells"].append(cell)
                 rows.append([shape, batch, "mix" if padded else "equal", f"{cell['full_vs_hf_time']:.2f}",
                              f"{cell['static_fraction_of_ideal']:.2f}",
@@ -196,6 +208,13 @@ def main():
                              f"{cell['state_mib']:.1f}"])
                 print_table(["shape", "batch", "sources", "full/hf time", "static/ideal", "meta block_avg -> /allowed",
                              "full tok/s vs b1", "softmax tok/s vs b1", "state MiB"], rows[-1:])
+                for name, parts in cell["decoder_ms"].items():
+                    print(f"  {name} decoder {parts['decoder']:.0f} ms: "
+                          + ", ".join(f"{part} {parts[part]:.0f}" for part in COMPONENTS))
+                if alone:  # the throughput figures split: the encoder batches differently from the decoder
+                    cell["encoder_ms"] = {name: 1e3 * median(results[name]["encoder"])
+                                          for name in ("full", "full alone", "softmax", "softmax alone")}
+                    print("  encoder ms: " + ", ".join(f"{name} {ms:.0f}" for name, ms in cell["encoder_ms"].items()))
         for batch in [int(b) for b in options.batches.split(",") if int(b) > 1]:
             costs = gather_or_mask(model, batch, steps, options.rounds, device)
             payload.setdefault("gather_or_mask", []).append({"shape": shape, "batch": batch, "ms_per_block": costs})
