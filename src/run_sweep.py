@@ -98,8 +98,9 @@ def cell_row(name: str, flags: List[str], results: dict) -> dict:
     return row
 
 
-def run_cell(task, task_argv, cell_dir, flags, batch_size: int = 1) -> Optional[dict]:
-    """Run one cell unless it finished before; returns its results (None when invalid)."""
+def run_cell(task, task_argv, cell_dir, flags, batch_size: int = 1, alone: bool = False) -> Optional[dict]:
+    """Run one cell unless it finished before; returns its results (None when invalid). `alone`:
+    this process runs the cell by itself, whatever the launcher started (tasks.distributed)."""
     done = os.path.join(cell_dir, "eval_results.json")
     if os.path.isfile(done):
         with open(done) as handle:
@@ -107,7 +108,7 @@ def run_cell(task, task_argv, cell_dir, flags, batch_size: int = 1) -> Optional[
     argv = task_argv + ["--do_eval", "--output_dir", cell_dir, "--overwrite_output_dir", "True",
                         "--deploy_scenario", "True", "--count_flops", "True",
                         "--per_device_eval_batch_size", str(batch_size)] + flags
-    return runner.run(task, argv)
+    return runner.run(task, argv, alone=alone)
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
@@ -118,10 +119,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     def cell_dir(name):
         return os.path.join(args.output_dir, "cells", name)
 
-    def outcome(name):
+    def outcome(name, alone):
         flags = cells[name]
         try:
-            results = run_cell(task_class(), task_argv, cell_dir(name), flags, args.batch_size)
+            results = run_cell(task_class(), task_argv, cell_dir(name), flags, args.batch_size, alone)
             return "row", cell_row(name, flags, results)
         except ValueError as error:
             if not flags:  # the full model has no method flags: its error is about the model or data

@@ -14,7 +14,8 @@ TASK_ARGS = ["--", "--model_name_or_path", "unused", "--validation_file", "unuse
 def fake_run(calls, fail_on=None):
     """Stands in for the task pipeline: records the call and writes results like it does."""
 
-    def run(task, argv):
+    def run(task, argv, alone):
+        assert alone is False  # one process: the cell's pipeline is not told to ignore other processes
         out = argv[argv.index("--output_dir") + 1]
         calls.append(out)
         if fail_on and fail_on in argv:

@@ -10,7 +10,7 @@ pipeline (runner.run) lets process 0 alone write.
 
 Sweep: `run_cells` gives each process whole cells (round robin over the unfinished ones, in grid
 order) and collects every cell's outcome on process 0, which writes the report. A cell runs the
-pipeline as this process's own job (`each_process_alone`): no sharding inside it.
+pipeline as this process's own job (`alone=True`, passed down by the caller): no sharding inside it.
 
 The process group is the one HF's TrainingArguments opens (gloo with `--use_cpu True`, NCCL on
 GPUs) for evaluation, and a gloo group this module opens for the sweep's bookkeeping.
@@ -18,45 +18,33 @@ GPUs) for evaluation, and a gloo group this module opens for the sweep's bookkee
 
 import os
 import time
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-_alone = False  # inside each_process_alone(): the pipeline ignores the other processes
+# `alone` below: this pipeline run belongs to this process only, whatever the launcher started: it is
+# process 0 of 1, decodes every sample and writes its own output_dir (a sweep cell under torchrun).
 
 
-@contextmanager
-def each_process_alone() -> Iterator[None]:
-    """Within, a pipeline run belongs to this process only: it is process 0 of 1, decodes every
-    sample and writes its own output_dir (the sweep runs one cell per process this way)."""
-    global _alone
-    previous, _alone = _alone, True
-    try:
-        yield
-    finally:
-        _alone = previous
-
-
-def launched_processes() -> int:
+def launched_processes(alone: bool = False) -> int:
     """How many processes the launcher started (WORLD_SIZE; 1 when alone or not launched)."""
-    return 1 if _alone else int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if alone else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def process_index(training_args) -> int:
-    return 0 if _alone else training_args.process_index
+def process_index(training_args, alone: bool = False) -> int:
+    return 0 if alone else training_args.process_index
 
 
-def num_processes(training_args) -> int:
+def num_processes(training_args, alone: bool = False) -> int:
     """Processes that share an evaluation: those of the open process group."""
-    if _alone or not (dist.is_available() and dist.is_initialized()):
+    if alone or not (dist.is_available() and dist.is_initialized()):
         return 1
     return training_args.world_size
 
 
-def barrier(training_args) -> None:
-    if num_processes(training_args) > 1:
+def barrier(training_args, alone: bool = False) -> None:
+    if num_processes(training_args, alone) > 1:
         dist.barrier()
 
 
@@ -163,29 +151,25 @@ def sweep_world(num_cells: int) -> Tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), opened
 
 
-def run_cells(names: List[str], run_one: Callable[[str], object], finished: Callable[[str], bool]
+def run_cells(names: List[str], run_one: Callable[[str, bool], object], finished: Callable[[str], bool]
               ) -> Optional[Dict[str, object]]:
-    """{name: run_one(name)} in the order of `names`, on process 0 (None on the others).
+    """{name: run_one(name, alone)} in the order of `names`, on process 0 (None on the others).
 
     Alone, every cell runs here in order. Launched as several processes, process 0 lists the
-    unfinished cells, each process runs every N-th of them (as its own job, each_process_alone),
-    and process 0 collects their outcomes; a finished cell is run_one'd by process 0 alone
-    (it reads its results). An exception in any cell stops that process (and the launcher stops
-    the others).
+    unfinished cells, each process runs every N-th of them (as its own job: alone=True), and
+    process 0 collects their outcomes; a finished cell is run_one'd by process 0 alone (it reads
+    its results). An exception in any cell stops that process (and the launcher stops the others).
     """
     rank, processes, opened = sweep_world(len(names))
     if processes == 1:
-        return {name: run_one(name) for name in tqdm(names, desc="sweep cells")}
+        return {name: run_one(name, False) for name in tqdm(names, desc="sweep cells")}
     todo = [[name for name in names if not finished(name)] if rank == 0 else None]
     dist.broadcast_object_list(todo, src=0)
     mine = todo[0][rank::processes]
     desc = f"sweep cells, process {rank} of {processes}"
     if rank == 0:
         desc += f" ({len(todo[0])} of {len(names)} cells to run)"
-    outcomes = {}
-    with each_process_alone():
-        for name in tqdm(mine, desc=desc, position=rank):
-            outcomes[name] = run_one(name)
+    outcomes = {name: run_one(name, True) for name in tqdm(mine, desc=desc, position=rank)}
     gathered = [None] * processes if rank == 0 else None
     dist.gather_object(outcomes, gathered, dst=0)  # also the barrier before the report
     if opened:
@@ -193,5 +177,4 @@ def run_cells(names: List[str], run_one: Callable[[str], object], finished: Call
     if rank != 0:
         return None
     done = {name: outcome for part in gathered for name, outcome in part.items()}
-    with each_process_alone():
-        return {name: done[name] if name in done else run_one(name) for name in names}
+    return {name: done[name] if name in done else run_one(name, True) for name in names}

@@ -89,7 +89,7 @@ def check_model_type(model_type: str, arg: str, source: str) -> None:
 
 
 # ----- checks ----------------------------------------------------------------------------------
-def check_run_arguments(training_args, additional_args) -> None:
+def check_run_arguments(training_args, additional_args, alone: bool = False) -> None:
     beams = training_args.generation_num_beams
     if additional_args.deploy_scenario and beams not in (None, 1):
         raise ValueError(f"--deploy_scenario decodes greedily: --generation_num_beams={beams} must be 1.")
@@ -104,7 +104,7 @@ def check_run_arguments(training_args, additional_args) -> None:
                                  "(batched evaluation would ignore it).")
     if training_args.eval_strategy != "no":
         raise ValueError("--eval_strategy must stay 'no': evaluation runs after training, with --do_eval.")
-    processes = distributed.launched_processes()
+    processes = distributed.launched_processes(alone)
     if processes > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
         raise ValueError(f"launched as {processes} processes, but they would not join one process group: "
                          "without a GPU, pass --use_cpu True so that they train and evaluate together over gloo.")
@@ -328,15 +328,17 @@ def new_token_budget(task, data_args, training_args) -> int:
 
 
 def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, data_args, training_args,
-                   additional_args, stats: Optional[ExitStatsTotals] = None) -> Tuple[dict, List[dict]]:
-    """Metrics (without prefix) and prediction records of one split (exit statistics into `stats`)."""
+                   additional_args, stats: Optional[ExitStatsTotals] = None, alone: bool = False
+                   ) -> Tuple[dict, List[dict]]:
+    """Metrics (without prefix) and prediction records of one split (exit statistics into `stats`);
+    `alone`: decoded by this process only, whatever the launcher started."""
     deploy = additional_args.deploy_scenario
     source_length = task.lengths(data_args)[0]
     rows = list(raw_split.dataset)
     sources = [task.source_text(r, data_args) for r in rows]
     if deploy and stats is None:
         stats = ExitStatsTotals()
-    distributed.barrier(training_args)  # several processes start decoding together: runtime is the slowest's
+    distributed.barrier(training_args, alone)  # several processes start decoding together: runtime is the slowest's
     began = time.perf_counter()
     # under torchrun / accelerate launch each process decodes a shard; all get every result, in order
     texts, lengths, exits, per_process = distributed.generate_in_shards(
@@ -348,7 +350,8 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
         stats=stats,
         show_progress=not training_args.disable_tqdm,
         exit_args=additional_args if deploy else None,
-        processes=distributed.num_processes(training_args), rank=distributed.process_index(training_args),
+        processes=distributed.num_processes(training_args, alone),
+        rank=distributed.process_index(training_args, alone),
     )
     runtime = time.perf_counter() - began
 
@@ -413,18 +416,19 @@ def save_run_config(output_dir, task, argv, model_args, data_args, training_args
 
 
 # ----- the pipeline ---------------------------------------------------------------------------------
-def run(task, argv: Optional[List[str]] = None) -> dict:
-    """Parse arguments, check every input, then train / evaluate / predict; return all results."""
+def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
+    """Parse arguments, check every input, then train / evaluate / predict; return all results.
+    `alone`: this process runs by itself even under torchrun (a sweep cell; tasks.distributed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args, additional_args = parse_arguments(argv)
     task.resolve_arguments(data_args)
-    check_run_arguments(training_args, additional_args)
+    check_run_arguments(training_args, additional_args, alone)
     splits = wanted_splits(training_args)
     check_data_arguments(data_args, splits)
     new_token_budget(task, data_args, training_args)  # a length that leaves nothing to generate fails here
     output_dir = training_args.output_dir
     # under torchrun / accelerate launch, process 0 alone checks and writes output_dir
-    main_process = distributed.process_index(training_args) == 0
+    main_process = distributed.process_index(training_args, alone) == 0
     check_output_dir(output_dir, data_args.overwrite_output_dir or not main_process)
     if additional_args.plotting_logits or additional_args.render_jsds:
         check_plots_dirs(output_dir, [SPLIT_PREFIX[s] for s in splits if s != "train"],
@@ -436,7 +440,7 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
     for name, raw_split in raw.items():
         with_references[name] = task.check_columns(raw_split, data_args)
         task.check_rows(raw_split, data_args, with_references[name])
-    distributed.check_split_sizes(distributed.launched_processes(),
+    distributed.check_split_sizes(distributed.launched_processes(alone),
                                   {name: len(raw[name].dataset) for name in raw if name != "train"})
     if main_process:
         prepare_output_dir(output_dir)  # every input is valid: only now is anything written
@@ -448,7 +452,7 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
         metrics = train(task, model_args, data_args, training_args, config, tokenizer, raw["train"])
         if main_process:
             results.update(save_results(output_dir, "train", metrics))
-        distributed.barrier(training_args)  # process 0 has saved the model the others load
+        distributed.barrier(training_args, alone)  # process 0 has saved the model the others load
         model_path = output_dir
     evaluated = [s for s in ("validation", "test") if s in raw]  # every process decodes its shard
     if evaluated:
@@ -456,12 +460,12 @@ def run(task, argv: Optional[List[str]] = None) -> dict:
         for split in evaluated:
             stats = ExitStatsTotals() if additional_args.deploy_scenario else None
             metrics, records = evaluate_split(task, raw[split], with_references[split], model, tokenizer,
-                                              data_args, training_args, additional_args, stats)
+                                              data_args, training_args, additional_args, stats, alone)
             static = None
             if stats is not None and stats.layer_traces and with_references[split]:
                 static = static_exit_metrics(
                     lambda args: evaluate_split(task, raw[split], True, model, tokenizer, data_args,
-                                                training_args, args)[0],
+                                                training_args, args, alone=alone)[0],
                     model, task.main_metric)
                 metrics[f"static_exit_{task.main_metric}"] = [static[layer] for layer in sorted(static)]
             if not main_process:
