@@ -477,11 +477,10 @@ def exit_step(decoder: BatchDecoder) -> list:
         if leaving:
             leaving_index = torch.tensor(leaving, dtype=torch.long, device=decoder.device)
             exiting = hidden.index_select(0, leaving_index)
-            jsd = scorer.jsd_step
             if scorer.exits_read_output_head:
                 for_head.append(([rows.local[i] for i in leaving], exiting[:, 0], j + 1, None))
             else:
-                tokens = scorer.predict(j + 1, hidden, leaving).tolist()
+                tokens, jsd = scorer.predict(j + 1, hidden, leaving).tolist(), scorer.jsd_step
                 for i, token in zip(leaving, tokens):
                     outcomes[rows.local[i]] = Emit(token, j + 1, jsd[i] if jsd is not None else None)
             decoder.stack_states(rows.take(leaving), exiting)
