@@ -8,25 +8,40 @@ from tasks.runner import ExitStatsTotals, check_output_dir, model_class, prepare
 
 
 def _stats(layers, **extra):
-    """exit_stats of one generate call whose tokens exited at `layers` (2-layer decoder)."""
-    return {"tokens": len(layers), "block_avg": sum(layers) / len(layers) + 0.5, "block_avg_free": sum(layers) / len(layers),
-            "block_op": [len(layers), sum(1 for x in layers if x == 2)],
-            "exit_layer_counts": [layers.count(1), layers.count(2)], "exit_layers": [layers],
+    """exit_stats of one generate call whose tokens exited at `layers` (2-layer decoder); layer 2
+    also ran once per two tokens to recompute skipped ones (as FREE's deep pass), so block_avg
+    counts more than the mean exit layer (block_avg_free)."""
+    block_op = [len(layers), layers.count(2) + len(layers) // 2]
+    return {"tokens": len(layers), "block_avg": sum(block_op) / len(layers), "block_avg_free": sum(layers) / len(layers),
+            "block_op": block_op, "exit_layer_counts": [layers.count(1), layers.count(2)], "exit_layers": [layers],
             "time_total": 0.5, "time_blocks": 0.25, **extra}
 
 
 def test_exit_stats_are_token_weighted_and_summed():
     totals = ExitStatsTotals()
-    totals.add(_stats([1, 1, 1, 2]))  # 4 tokens, mean 1.25
-    totals.add(_stats([2, 2]))  # 2 tokens, mean 2
+    totals.add(_stats([1, 1, 1, 2]))  # 4 tokens, 7 block runs
+    totals.add(_stats([2, 2]))  # 2 tokens, 5 block runs
     out = totals.metrics()
-    assert out["block_avg"] == pytest.approx(9 / 6 + 0.5)  # not the mean of means (1.625 + 0.5)
-    assert out["block_avg_free"] == pytest.approx(9 / 6)
-    assert out["block_op"] == [6, 3]
+    assert out["block_avg"] == 12 / 6  # not the mean of means ((7 / 4 + 5 / 2) / 2)
+    assert out["block_avg_free"] == 9 / 6
+    assert out["block_op"] == [6, 6]
     assert out["exit_layer_counts"] == [3, 3]
     assert out["tokens"] == 6
     assert out["time_total"] == pytest.approx(1.0) and out["time_blocks"] == pytest.approx(0.5)
     assert not any(k.startswith("flops") for k in out)
+
+
+def test_per_sample_records_come_out_in_dataset_order_whatever_the_calls_order():
+    # batches formed by length: the call with samples 2 and 0 comes before the one with sample 1
+    first = _stats([1, 2], layer_traces=[{"ranks": ["s2"]}, {"ranks": ["s0"]}], jsd_steps=[["s2 a"], ["s0 a", "s0 b"]])
+    first["exit_layers"] = [[1], [2]]
+    second = _stats([1], layer_traces=[{"ranks": ["s1"]}], jsd_steps=[["s1 a"]])
+    totals = ExitStatsTotals()
+    totals.add(first, [2, 0])
+    totals.add(second, [1])
+    assert [trace["ranks"][0] for trace in totals.layer_traces] == ["s0", "s1", "s2"]
+    assert totals.jsd_steps == ["s0 a", "s0 b", "s1 a", "s2 a"]
+    assert totals.samples == 3 and totals.metrics()["block_avg_free"] == 4 / 3
 
 
 def test_any_numeric_flops_figure_is_summed_and_averaged_per_sample():
@@ -111,3 +126,33 @@ def test_a_length_counting_the_start_token_must_leave_a_token(tmp_path):
                                          "--output_dir", str(tmp_path / "out"), "--max_answer_length", "1",
                                          "--length_counts_start_token", "True"])
     assert not (tmp_path / "out").exists()
+
+
+def test_batches_by_length_give_every_result_in_dataset_order_as_one_at_a_time(tmp_path):
+    from models.deploying_t5 import DeployT5ForConditionalGeneration
+    from tasks.runner import generate_predictions
+    from util.additional_args import AdditionalArguments
+    from util.toy_models import build_toy_t5, train_toy_tokenizer
+
+    words = "mira keeps three blue boats near the old harbour and sells fish every morning".split()
+    sources = [" ".join(words[: 2 + (5 * i) % 13]) for i in range(7)]  # lengths out of order
+    tokenizer = train_toy_tokenizer(sources, vocab_size=80)
+    build_toy_t5(tokenizer, num_decoder_layers=3, save_dir=str(tmp_path / "toy"))
+    model = DeployT5ForConditionalGeneration.from_pretrained(str(tmp_path / "toy")).eval()
+    flags = AdditionalArguments(deploy_scenario=True, use_early_exit=True, exit_conf_type="softmax",
+                                exit_conf_threshold=0.2, count_flops=True)
+    calls, real = [], model.generate
+    model.generate = lambda **k: calls.append(k["attention_mask"].sum(-1).tolist()) or real(**k)
+
+    results = {}
+    for batch_size, by_length in ((1, False), (3, True)):
+        calls.clear()
+        stats = ExitStatsTotals()
+        out = generate_predictions(model, tokenizer, sources, 32, 6, 1, batch_size, stats=stats, show_progress=False,
+                                   exit_args=flags, by_length=by_length)
+        results[batch_size] = (out, {k: v for k, v in stats.metrics().items() if not k.startswith("time_")})
+    lengths = [n for call in calls for n in call]
+    assert lengths == sorted(lengths, reverse=True) and len(calls) == 3  # longest first, in batches of 3
+    assert lengths != [len(tokenizer(s)["input_ids"]) for s in sources]  # the order did change
+    assert results[3] == results[1]  # texts, lengths, exit layers per sample, block and FLOP figures
+    assert len(set(map(tuple, results[1][0][2]))) > 1  # samples exited differently: the order shows

@@ -1,10 +1,9 @@
 """Evaluation and sweeps spread over the processes of `torchrun` / `accelerate launch`.
 
-Evaluation: each process decodes one contiguous shard of the evaluation set (whole batches, so
-every batch is the one a single process would decode), on its own device; the texts, lengths,
-exit layers and every generate call's exit statistics are gathered to all processes in dataset
-order, and the statistics are summed in that order, so the metrics equal one process's. The
-pipeline (runner.run) lets process 0 alone write.
+Evaluation: each process decodes one contiguous shard of the evaluation set, on its own device;
+the texts, lengths, exit layers and every generate call's exit statistics (with its rows' sample
+indices) are gathered to all processes and put in dataset order, so the metrics equal one
+process's. The pipeline (runner.run) lets process 0 alone write.
 
     texts, lengths, exits, per_process = generate_in_shards(generate, sources, batch_size, stats)
 
@@ -85,11 +84,11 @@ def shard_bounds(num_items: int, batch_size: int, rank: int, size: int) -> Tuple
 
 
 class _Calls(list):
-    """Stands in for ExitStatsTotals on a shard: keeps every call's exit_stats, to be summed in
-    dataset order once gathered."""
+    """Stands in for ExitStatsTotals on a shard: keeps every call's exit_stats and its rows' sample
+    indices within the shard, to be summed once gathered."""
 
-    def add(self, stats: dict) -> None:
-        self.append(stats)
+    def add(self, stats: dict, indices: List[int]) -> None:
+        self.append((stats, indices))
 
 
 def generate_in_shards(generate: Callable, sources: List[str], batch_size: int, stats, processes: int,
@@ -99,7 +98,7 @@ def generate_in_shards(generate: Callable, sources: List[str], batch_size: int, 
 
     generate(sources, batch_size=, stats=, show_progress=, desc=, position=, **kwargs) is
     runner.generate_predictions with its model and tokenizer bound; `stats` (ExitStatsTotals or
-    None) receives every call's statistics in dataset order.
+    None) receives every call's statistics with its rows' sample indices in `sources`.
     """
     if processes == 1:
         texts, lengths, exits = generate(sources, batch_size=batch_size, stats=stats,
@@ -122,14 +121,15 @@ def generate_in_shards(generate: Callable, sources: List[str], batch_size: int, 
     lengths = [n for shard in shards for n in shard["lengths"]]
     exits = [e for shard in shards for e in shard["exits"]] if stats is not None else None
     if stats is not None:
-        for shard in shards:
-            for call in shard["calls"]:
-                stats.add(call)
+        for r, shard in enumerate(shards):
+            offset = shard_bounds(len(sources), batch_size, r, processes)[0]
+            for call, indices in shard["calls"]:
+                stats.add(call, [offset + i for i in indices])
     per_process = {"processes": processes,
                    "samples_per_process": [len(shard["texts"]) for shard in shards],
                    "runtime_per_process": [shard["seconds"] for shard in shards]}
     if stats is not None:
-        per_process["time_total_per_process"] = [sum(c.get("time_total", 0.0) for c in shard["calls"])
+        per_process["time_total_per_process"] = [sum(c.get("time_total", 0.0) for c, _ in shard["calls"])
                                                  for shard in shards]
     return texts, lengths, exits, per_process
 

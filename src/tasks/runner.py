@@ -225,25 +225,38 @@ def train(task, model_args, data_args, training_args, config, tokenizer, raw_spl
 
 # ----- evaluation -------------------------------------------------------------------------------------
 class ExitStatsTotals:
-    """Sums the deploy model's per-call exit_stats over samples."""
+    """Sums the deploy model's per-call exit_stats over samples. Block figures are summed as
+    integers, so the totals do not depend on how the samples were grouped into calls."""
 
     def __init__(self):
         self.samples = 0
         self.tokens = 0
-        self.weighted_blocks = 0.0
-        self.weighted_blocks_free = 0.0  # FREE's accounting (exit layer per token)
+        self.exit_layer_sum = 0  # FREE's accounting (exit layer per token)
         self.block_op: List[int] = []
         self.exit_layer_counts: List[int] = []
         self.sums = defaultdict(float)  # time_* and flops_* figures, FREE's token counts
-        self.layer_traces: List[dict] = []  # plotting_logits: one per sample
-        self.jsd_steps: List[dict] = []  # render_jsds: one per generated token
+        self._traces: Dict[int, dict] = {}  # plotting_logits: sample index -> its trace
+        self._jsd_steps: Dict[int, List[dict]] = {}  # render_jsds: sample index -> one per generated token
         self.last = {}  # figures that are states, not sums (the adaptive threshold)
 
-    def add(self, stats: dict) -> None:
-        self.samples += len(stats["exit_layers"])  # one call decodes a batch of samples
+    @property
+    def layer_traces(self) -> List[dict]:
+        """One per traced sample, in dataset order."""
+        return [self._traces[i] for i in sorted(self._traces)]
+
+    @property
+    def jsd_steps(self) -> List[dict]:
+        """One per generated token, in dataset order."""
+        return [step for i in sorted(self._jsd_steps) for step in self._jsd_steps[i]]
+
+    def add(self, stats: dict, indices: Optional[List[int]] = None) -> None:
+        """One call's exit_stats; `indices` are its rows' sample indices (by default the next ones)."""
+        rows = len(stats["exit_layers"])  # one call decodes a batch of samples
+        if indices is None:
+            indices = list(range(self.samples, self.samples + rows))
+        self.samples += rows
         self.tokens += stats["tokens"]
-        self.weighted_blocks += stats["block_avg"] * stats["tokens"]  # block_avg is per token
-        self.weighted_blocks_free += stats["block_avg_free"] * stats["tokens"]
+        self.exit_layer_sum += sum(sum(layers) for layers in stats["exit_layers"])
         self.block_op = _add_lists(self.block_op, stats["block_op"])
         self.exit_layer_counts = _add_lists(self.exit_layer_counts, stats["exit_layer_counts"])
         for key, value in stats.items():
@@ -252,14 +265,16 @@ class ExitStatsTotals:
                 self.sums[key] += value
         if "adaptive_threshold" in stats:
             self.last["adaptive_threshold"] = stats["adaptive_threshold"]
-        self.layer_traces.extend(trace for trace in stats.get("layer_traces", []) if trace)
-        for steps in stats.get("jsd_steps", []):
-            self.jsd_steps.extend(steps)
+        for index, trace in zip(indices, stats.get("layer_traces", [])):
+            if trace:
+                self._traces[index] = trace
+        for index, steps in zip(indices, stats.get("jsd_steps", [])):
+            self._jsd_steps[index] = steps
 
     def metrics(self) -> dict:
         out = {
-            "block_avg": self.weighted_blocks / self.tokens if self.tokens else 0.0,
-            "block_avg_free": self.weighted_blocks_free / self.tokens if self.tokens else 0.0,
+            "block_avg": sum(self.block_op) / self.tokens if self.tokens else 0.0,
+            "block_avg_free": self.exit_layer_sum / self.tokens if self.tokens else 0.0,
             "block_op": self.block_op,
             "exit_layer_counts": self.exit_layer_counts,
             "tokens": self.tokens,
@@ -288,30 +303,50 @@ def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
     return model.to(device).eval()
 
 
+def batch_order(tokenizer, sources: List[str], source_length: int, by_length: bool) -> List[int]:
+    """The order in which sources are decoded: as given, or longest (in tokens) first, so that a
+    batch holds sources of similar length: less padding, and rows that tend to finish together
+    (a batch steps until its longest row ends). Ties keep the dataset order."""
+    order = list(range(len(sources)))
+    if by_length:
+        tokens = tokenizer(sources, max_length=source_length, truncation=True)["input_ids"]
+        order.sort(key=lambda i: -len(tokens[i]))
+    return order
+
+
 def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
                          num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
-                         show_progress: bool = True, exit_args=None, desc: str = "Generating", position: int = 0):
+                         show_progress: bool = True, exit_args=None, desc: str = "Generating", position: int = 0,
+                         by_length: bool = False):
     """(texts, generated lengths, exit layers per sample or None) for every source, in order.
 
     With `stats`, each call's exit_stats are collected (the deploy model, decoding with the flags
     `exit_args`; its rows decode as they would alone, so only timings depend on the batch size).
-    A failing generate call stops the run: a missing prediction is never scored as an answer.
+    `by_length`: batches are formed from sources of similar length (batch_order); every result
+    still comes back in the sources' order. A failing generate call stops the run: a missing
+    prediction is never scored as an answer.
     """
     options = {} if exit_args is None else {"exit_args": exit_args}
-    texts, lengths, exits = [], [], []
-    for start in tqdm(range(0, len(sources), batch_size), desc=desc, unit="batch", position=position,
+    count = len(sources)
+    texts, lengths, exits = [None] * count, [None] * count, [None] * count
+    order = batch_order(tokenizer, sources, source_length, by_length)
+    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", position=position,
                       disable=not show_progress):
-        batch = tokenizer(sources[start : start + batch_size], max_length=source_length, truncation=True,
+        indices = order[start : start + batch_size]
+        batch = tokenizer([sources[i] for i in indices], max_length=source_length, truncation=True,
                           padding=True, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **options)
         if stats is not None:
             call = model.exit_stats()
-            stats.add(call)
-            exits.extend(call["exit_layers"])
-        texts.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
-        lengths.extend(int(n) for n in (ids != tokenizer.pad_token_id).sum(dim=1))  # as HF's gen_len
+            stats.add(call, indices)
+            for i, layers in zip(indices, call["exit_layers"]):
+                exits[i] = layers
+        decoded = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        generated = (ids != tokenizer.pad_token_id).sum(dim=1).tolist()  # as HF's gen_len
+        for i, text, n in zip(indices, decoded, generated):
+            texts[i], lengths[i] = text.strip(), int(n)
     return texts, lengths, (exits if stats is not None else None)
 
 
@@ -347,6 +382,9 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
         max_new_tokens=new_token_budget(task, data_args, training_args),
         num_beams=training_args.generation_num_beams or 1,
         batch_size=training_args.per_device_eval_batch_size,
+        # batches of similar lengths, except where decoding order matters: the adaptive threshold
+        # refits on every sample decoded before, in dataset order
+        by_length=training_args.per_device_eval_batch_size > 1 and not (deploy and additional_args.use_adapt_threshold),
         stats=stats,
         show_progress=not training_args.disable_tqdm,
         exit_args=additional_args if deploy else None,
