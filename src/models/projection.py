@@ -12,9 +12,9 @@ SMALL_WEIGHTS goes as W x^T, and a single row is computed as a 2-row product (th
 Results differ from F.linear's in the last bits only (summation order). Other devices, and small
 weights, call `F.linear` directly (a module call costs more than a small product's work).
 
-`layer_norm` is T5's RMS norm, fused into one op in float32 (the same bits on CPU). On the demo's
-small model, where each op costs its overhead more than its work, the two together make a
-decode about 12% faster.
+`layer_norm` is T5's RMS norm as one op in float32 (the same bits on CPU). On the demo's small
+model, where an op costs more in overhead than in work, the two made decoding 5–10% faster
+(README, the demo's table).
 
 `feed_forward` is T5's feed-forward sublayer (plain or gated) with these projections; it
 follows transformers' T5LayerFF step for step (layer norm, activation, dropout, the cast to
@@ -50,13 +50,12 @@ def project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(x) for T5's RMS layer norm; in float32 as one fused rms_norm, which on CPU gives the
-    same bits as T5LayerNorm's six ops (tests/test_projection.py) at a fifth of the cost (a
-    decode step of a small model calls it 3 times per block). Other dtypes keep the module:
-    it computes the variance in float32 whatever the input's dtype."""
-    weight = getattr(norm, "weight", None)
-    if type(norm) in (T5LayerNorm, LongT5LayerNorm) and x.dtype == weight.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, norm.variance_epsilon)
+    """norm(x) for T5's RMS layer norm; in float32 as one rms_norm op, which on CPU gives the same
+    bits as T5LayerNorm's six ops and module call (tests/test_projection.py); a decode step calls
+    it 3 times per block. Other dtypes keep the module: it computes the variance in float32
+    whatever the input's dtype."""
+    if type(norm) in (T5LayerNorm, LongT5LayerNorm) and x.dtype == norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm(x)
 
 
