@@ -131,6 +131,15 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return project(model.lm_head, scaled_norm(model, hidden))
 
 
+def output_tokens(model, hidden: torch.Tensor, counters) -> torch.Tensor:
+    """The output head's argmax for each row of hidden (R, d); each row's FlopCounter in
+    `counters` (or None) counts the head with the blocks: it is the full model's own last step."""
+    if counters is not None:
+        for counter in counters:
+            counter.blocks += output_head_flops(counter.shape)
+    return output_logits(model, hidden).argmax(-1)
+
+
 def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
     """T5's guard against inf in float16 activations, as HF's T5Block applies it."""
     if hidden.dtype != torch.float16:
@@ -362,11 +371,8 @@ class BatchDecoder:
         self.timer.add("propagation", mark)
 
     def output_head(self, hidden: torch.Tensor, rows: List[int]) -> torch.Tensor:
-        """The full head predicting tokens (one per row of hidden (R, d)); counted with the blocks."""
-        if self.count_flops:
-            for r in rows:
-                self.live[r].result.flops.blocks += output_head_flops(self.shape)
-        return output_logits(self.model, hidden).argmax(-1)
+        """The full head predicting tokens for live rows `rows` (one per row of hidden (R, d))."""
+        return output_tokens(self.model, hidden, self.counters(rows))
 
     # ----- the loop ------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: int, eos_ids: set) -> List[RowResult]:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from models import confidence as measures
-from models.decode_loop import output_logits
-from models.flops import head_flops, output_head_flops
+from models.decode_loop import output_tokens
+from models.flops import head_flops
 from models.projection import layer_norm, project
 from models.vocab_reduction import RetainedSets
 
@@ -210,10 +210,7 @@ class LayerScorer:
         exiting = hidden.index_select(0, index)
         counters = [self.counters[i] for i in which] if self.counters is not None else None
         if self.reduced is None:
-            if counters is not None:
-                for counter in counters:
-                    counter.blocks += output_head_flops(counter.shape)
-            return output_logits(self.model, exiting)[:, 0].argmax(-1)
+            return output_tokens(self.model, exiting[:, 0], counters)
         start = self.start_layer
         full = project(self.head, self.start_normed.index_select(0, index)[:, 0])  # (E, V)
         if counters is not None:
