@@ -29,7 +29,6 @@ class LayerScorer:
         self.model = model
         self.kind = conf_type
         self.head = model.lm_head
-        self.weight = model.lm_head.weight
         norm = model.decoder.final_layer_norm
         scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else 1.0
         # T5's output scaling folded into the final norm's weight once, so that a check
@@ -47,6 +46,11 @@ class LayerScorer:
         # meta/state without reduction: an exiting row's token is the output head's argmax, which
         # the decode loop computes once per step for every row that left (one pass over W)
         self.exits_read_output_head = not self.scores_to_decide and not self.reduction
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W, the output head's weight: reduced checks score its retained rows."""
+        return self.head.weight
 
     # ----- per token step ---------------------------------------------------------------------
     def start_step(self, counters: Optional[list]) -> None:
