@@ -303,17 +303,6 @@ def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
     return model.to(device).eval()
 
 
-def batch_order(tokenizer, sources: List[str], source_length: int, by_length: bool) -> List[int]:
-    """The order in which sources are decoded: as given, or longest (in tokens) first, so that a
-    batch holds sources of similar length: less padding, and rows that tend to finish together
-    (a batch steps until its longest row ends). Ties keep the dataset order."""
-    order = list(range(len(sources)))
-    if by_length:
-        tokens = tokenizer(sources, max_length=source_length, truncation=True)["input_ids"]
-        order.sort(key=lambda i: -len(tokens[i]))
-    return order
-
-
 def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
                          num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
                          show_progress: bool = True, exit_args=None, desc: str = "Generating", position: int = 0,
@@ -322,19 +311,22 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
 
     With `stats`, each call's exit_stats are collected (the deploy model, decoding with the flags
     `exit_args`; its rows decode as they would alone, so only timings depend on the batch size).
-    `by_length`: batches are formed from sources of similar length (batch_order); every result
+    `by_length`: batches are formed from sources of similar length, longest first (less padding,
+    and rows that tend to end together: a batch steps until its longest row ends); every result
     still comes back in the sources' order. A failing generate call stops the run: a missing
     prediction is never scored as an answer.
     """
     options = {} if exit_args is None else {"exit_args": exit_args}
     count = len(sources)
     texts, lengths, exits = [None] * count, [None] * count, [None] * count
-    order = batch_order(tokenizer, sources, source_length, by_length)
+    encoded = tokenizer(sources, max_length=source_length, truncation=True)["input_ids"]  # once, padded per batch
+    order = list(range(count))
+    if by_length:
+        order.sort(key=lambda i: -len(encoded[i]))  # stable: ties keep the dataset order
     for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", position=position,
                       disable=not show_progress):
         indices = order[start : start + batch_size]
-        batch = tokenizer([sources[i] for i in indices], max_length=source_length, truncation=True,
-                          padding=True, return_tensors="pt").to(model.device)
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **options)
