@@ -38,17 +38,18 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from models.architectures import describe, layer_windows
 from models.flops import (
     FlopCounter,
-    Shape,
     cross_kv_flops,
     decoder_block_flops,
     head_flops,
     output_head_flops,
+    prefill_flops,
     skipped_block_flops,
 )
 from models.kv_cache import KVCache
-from models.projection import feed_forward, layer_norm, project
+from models.projection import project
 from models.results import RowResult
 
 
@@ -119,11 +120,8 @@ class ComponentTimer:
 
 
 def scaled_norm(model, hidden: torch.Tensor) -> torch.Tensor:
-    """s(norm(h)): the decoder's final norm and T5's output scaling, what the LM head reads."""
-    normed = layer_norm(model.decoder.final_layer_norm, hidden)
-    if model.config.scale_decoder_outputs:
-        normed = normed * model.model_dim ** -0.5
-    return normed
+    """s(norm(h)): the decoder's final norm (and T5's output scaling), what the LM head reads."""
+    return describe(model).head_input(hidden)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -140,38 +138,34 @@ def output_tokens(model, hidden: torch.Tensor, counters) -> torch.Tensor:
     return output_logits(model, hidden).argmax(-1)
 
 
-def _clamp_fp16(hidden: torch.Tensor) -> torch.Tensor:
-    """T5's guard against inf in float16 activations, as HF's T5Block applies it."""
-    if hidden.dtype != torch.float16:
-        return hidden
-    limit = torch.finfo(hidden.dtype).max
-    limit = torch.where(torch.isinf(hidden).any(), limit - 1000, limit)
-    return torch.clamp(hidden, min=-limit, max=limit)
-
-
 @dataclass
 class Rows:
     """The rows a block runs now: local indices into the live batch, and per row the query
-    positions start..start+length-1 (one position per token step; several in FREE's deep pass)."""
+    positions start..start+length-1 (one position per token step; several in FREE's deep pass,
+    the whole prompt in a decoder-only model's prefill)."""
 
     index: torch.Tensor  # (R,) on the device
     local: List[int]  # the same, as Python ints
     starts: List[int]
     lengths: List[int]
     queries: torch.Tensor  # (R, n) query positions on the device; a shorter row's padding repeats its last
-    mask: torch.Tensor  # (R, heads, n, T) relative position bias and causal mask, additive
+    masks: dict  # attention kind -> additive mask (R, heads or 1, n, keys): positions, causality, padding
+    rope: dict  # attention kind -> rotary (cos, sin) of each query (R, 1, n, head_dim); empty without rotary
+    keys: int  # cache slots the queries read
     all_live: bool  # every live row, in order: caches are read as views
 
     @property
     def width(self) -> int:
-        return self.mask.shape[2]
+        return self.queries.shape[1]
 
     def take(self, which: List[int]) -> "Rows":
         """The rows at positions `which` of this selection."""
         index = torch.tensor(which, dtype=torch.long, device=self.index.device)
-        return Rows(self.index.index_select(0, index), [self.local[i] for i in which],
-                    [self.starts[i] for i in which], [self.lengths[i] for i in which],
-                    self.queries.index_select(0, index), self.mask.index_select(0, index), False)
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return Rows(pick(self.index), [self.local[i] for i in which], [self.starts[i] for i in which],
+                    [self.lengths[i] for i in which], pick(self.queries),
+                    {kind: pick(mask) for kind, mask in self.masks.items()},
+                    {kind: (pick(cos), pick(sin)) for kind, (cos, sin) in self.rope.items()}, self.keys, False)
 
 
 @dataclass
@@ -197,9 +191,11 @@ class Replace:
 class RowState:
     """One row of the batch while it decodes: its result so far and its per-row inputs."""
 
-    def __init__(self, row: int, start_token: int, num_layers: int, encoder_length: int, flops, trace: bool):
+    def __init__(self, row: int, start_token: int, num_layers: int, encoder_length: int, flops, trace: bool,
+                 prompt_length: int = 0):
         self.row = row  # position in the caller's batch
         self.encoder_length = encoder_length
+        self.earlier = max(prompt_length - 1, 0)  # real positions before loop position 0 (the prompt's)
         self.result = RowResult(tokens=[start_token], exit_layers=[], block_runs=[0] * num_layers, flops=flops,
                                 trace={name: [] for name in TRACE_FIELDS} if trace else None)
         self.shallow_confidence = {}  # FREE: input position -> confidence of its shallow exit
@@ -236,32 +232,40 @@ class BatchDecoder:
     masked: see the module docstring), and a row that finished leaves the batch. `step` is the
     per-token strategy: `exit_step` (full, static, CALM early exit, FREE without parallel
     decoding, traces), models.shallow_deep.ShallowDeepStep or
-    models.self_speculation.SelfSpeculativeStep.
+    models.self_speculation.SelfSpeculativeStep. The model's decoder is read through its
+    architecture (models.architectures): the same loop serves encoder-decoder and decoder-only
+    models.
+
+    Positions: loop position t is the input position of a row's t-th token in `tokens` (T5: the
+    decoder start token at 0; decoder-only: the prompt's last token at 0, prefilled, so the
+    first token step feeds position 1). Cache slot = prefix + t; the prompt fills slots
+    0..prefix (left-padded rows start later: `pads`).
     """
 
     def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int, scorer=None,
-                 count_flops: bool = False, trace: bool = False, lazy_propagation: bool = True, step=None):
+                 count_flops: bool = False, trace: bool = False, lazy_propagation: bool = True, step=None,
+                 first_policy: Optional[ExitPolicy] = None):
         self.model = model
+        self.arch = arch = describe(model)
         self.policy = policy
+        self.first_policy = first_policy or policy  # decoder-only: the token read from the prefill
         self.timer = timer
         self.max_new_tokens = max_new_tokens
         self.scorer = scorer
         self.count_flops = count_flops
-        self.shape = Shape.of(model.config) if count_flops else None
+        self.shape = arch.shape() if count_flops else None
         self.tracing = trace
         self.lazy = lazy_propagation
         self.step = step or exit_step
-        decoder = model.decoder
-        self.blocks = decoder.block
-        self.embed = decoder.embed_tokens
-        config = model.config
-        self.num_layers = len(self.blocks)
-        self.num_heads, self.head_dim = config.num_heads, config.d_kv
+        self.num_layers = arch.num_layers
+        self.windows = layer_windows(arch)
         self.device = model.lm_head.weight.device
-        self.dtype = self.blocks[0].layer[0].SelfAttention.q.weight.dtype
-        n = max_new_tokens
-        self.position_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(n, n, device=self.device)[0].to(self.dtype)
+        self.dtype = arch.dtype
         self.min_value = torch.finfo(self.dtype).min
+        self.gqa = arch.num_kv_heads != arch.num_heads
+        if arch.encoder_decoder:
+            n = max_new_tokens
+            self.position_bias = arch.position_bias(n, self.device)
 
     # ----- selections ----------------------------------------------------------------------------
     def select(self, local: List[int], starts: List[int], lengths: List[int], causal: bool = True) -> Rows:
@@ -269,33 +273,29 @@ class BatchDecoder:
         device = self.device
         width = max(lengths)
         last = [s + n - 1 for s, n in zip(starts, lengths)]
-        keys = max(last) + 1
         offsets = torch.arange(width, device=device)
         starts_t = torch.tensor(starts, dtype=torch.long, device=device)[:, None]
         last_t = torch.tensor(last, dtype=torch.long, device=device)[:, None]
         queries = torch.minimum(starts_t + offsets, last_t)  # (R, n): padded queries repeat the last
-        mask = self.position_bias[:, queries, :keys].transpose(0, 1)  # (R, heads, n, keys)
-        if width > 1 or min(last) != keys - 1:
-            limit = queries if causal else last_t.expand(-1, width)
-            hidden = torch.arange(keys, device=device) > limit[..., None]  # (R, n, keys)
-            mask = mask.masked_fill(hidden[:, None], self.min_value)
+        index = torch.tensor(local, dtype=torch.long, device=device)
+        masks, rope, keys = self.arch.attention_inputs(self, index, queries, last_t, last, causal)
         all_live = local == list(range(len(self.live)))
-        return Rows(torch.tensor(local, dtype=torch.long, device=device), list(local), list(starts), list(lengths),
-                    queries, mask, all_live)
+        return Rows(index, list(local), list(starts), list(lengths), queries, masks, rope, keys, all_live)
+
+    def embed_inputs(self, rows: Rows) -> torch.Tensor:
+        """The embedding (R, 1, d) of each selected row's last token, at its position."""
+        tokens = torch.tensor([[self.live[r].result.tokens[-1]] for r in rows.local], device=self.device)
+        if self.arch.encoder_decoder:  # T5's positions enter as attention bias only
+            return self.arch.embed(tokens, None)
+        return self.arch.embed(tokens, self._real_positions(rows.index, rows.queries))
+
+    def _real_positions(self, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Loop positions (R, n) of rows `index` as the model numbers them (left padding not counted)."""
+        return (self.prefix + positions - self.pads.index_select(0, index)[:, None]).clamp(min=0)
 
     # ----- pieces of one block -------------------------------------------------------------------
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _attend(self, attention, query_input, keys, values, mask):
-        query = self._split_heads(project(attention.q, query_input))
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
-        return project(attention.o, out.transpose(1, 2).reshape(out.shape[0], -1, self.num_heads * self.head_dim))
-
-    def _store_self_kv(self, j: int, normed: torch.Tensor, rows: Rows) -> None:
-        """Keys/values of block j for the valid query positions of `rows` (normed (R, n, d))."""
-        attention = self.blocks[j].layer[0].SelfAttention
-        keys, values = self._split_heads(project(attention.k, normed)), self._split_heads(project(attention.v, normed))
+    def _store_self_kv(self, j: int, keys: torch.Tensor, values: torch.Tensor, rows: Rows) -> None:
+        """Keys/values (R, kv_heads, n, head_dim) of block j for the valid query positions of `rows`."""
         if rows.width == 1:
             row_index, positions = rows.index, rows.queries[:, 0]
             keys, values = keys[:, :, 0], values[:, :, 0]
@@ -305,18 +305,17 @@ class BatchDecoder:
             flat = torch.tensor([i * rows.width + (p - rows.starts[i]) for i, _, p in pairs], device=self.device)
             row_index = torch.tensor([r for _, r, _ in pairs], dtype=torch.long, device=self.device)
             positions = torch.tensor([p for _, _, p in pairs], dtype=torch.long, device=self.device)
-            keys = keys.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).index_select(0, flat)
-            values = values.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim).index_select(0, flat)
+            split = (-1,) + keys.shape[1:2] + keys.shape[3:]
+            keys = keys.transpose(1, 2).reshape(split).index_select(0, flat)
+            values = values.transpose(1, 2).reshape(split).index_select(0, flat)
         ends = [s + n for s, n in zip(rows.starts, rows.lengths)]
-        self.cache.write(j, row_index, positions, keys, values, ends, rows.local)
+        self.cache.write(j, row_index, positions + self.prefix, keys, values, ends, rows.local)
 
     def _cross_kv(self, j: int, rows: Rows):
         """Keys/values of block j over the encoder output, made for the whole batch on first use;
         each row's FLOPs are counted when that row first reaches the block, as alone."""
         if self.cross[j] is None:
-            attention = self.blocks[j].layer[1].EncDecAttention
-            self.cross[j] = (self._split_heads(project(attention.k, self.encoder_states)),
-                             self._split_heads(project(attention.v, self.encoder_states)))
+            self.cross[j] = self.arch.cross_keys_values(j, self.encoder_states)
         if self.count_flops:
             for r in rows.local:
                 state = self.live[r]
@@ -329,26 +328,36 @@ class BatchDecoder:
         return keys.index_select(0, rows.index), values.index_select(0, rows.index), \
             self.cross_mask.index_select(0, rows.index)
 
-    def block(self, j: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def block(self, j: int, hidden: torch.Tensor, rows: Rows, counted: bool = True) -> torch.Tensor:
         """Block j (0-based) on the query positions of `rows` (hidden (R, n, d)), reading and
-        extending the caches."""
-        self_layer, cross_layer, ff_layer = self.blocks[j].layer
-        normed = layer_norm(self_layer.layer_norm, hidden)
-        self._store_self_kv(j, normed, rows)
-        keys, values = self.cache.read(j, rows.index, rows.mask.shape[-1], rows.all_live)
-        hidden = hidden + self._attend(self_layer.SelfAttention, normed, keys, values, rows.mask)
-        hidden = _clamp_fp16(hidden)
-        keys, values, cross_mask = self._cross_kv(j, rows)
-        normed = layer_norm(cross_layer.layer_norm, hidden)
-        hidden = hidden + self._attend(cross_layer.EncDecAttention, normed, keys, values, cross_mask)
-        hidden = _clamp_fp16(hidden)
-        for r, s, n in zip(rows.local, rows.starts, rows.lengths):
-            result = self.live[r].result
-            result.block_runs[j] += n
-            if self.count_flops:
-                result.flops.blocks += sum(decoder_block_flops(self.shape, p + 1, self.live[r].encoder_length)
-                                           for p in range(s, s + n))
-        return _clamp_fp16(feed_forward(ff_layer, hidden))
+        extending the caches; `counted`: each row's block runs and FLOPs (not the prefill's)."""
+        arch = self.arch
+        kind = arch.layer_kinds[j]
+        rope = rows.rope.get(kind)
+        normed = arch.attention_input(j, hidden)
+        new_keys, new_values = arch.keys_values(j, normed, rope)
+        self._store_self_kv(j, new_keys, new_values, rows)
+        keys, values = self.cache.read(j, rows.index, rows.keys, rows.all_live)
+        query = arch.queries(j, normed, rope)
+        extra = {"enable_gqa": True} if self.gqa else {}
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=rows.masks[kind], scale=arch.scale, **extra)
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, arch.num_heads * arch.head_dim)
+        hidden = arch.clamp(hidden + arch.attention_output(j, out))
+        if arch.encoder_decoder:
+            keys, values, cross_mask = self._cross_kv(j, rows)
+            hidden = arch.clamp(hidden + arch.cross_attention(j, hidden, keys, values, cross_mask))
+        if counted:
+            window = self.windows[j]
+            for r, s, n in zip(rows.local, rows.starts, rows.lengths):
+                state = self.live[r]
+                state.result.block_runs[j] += n
+                if self.count_flops:
+                    attended = [state.earlier + p + 1 for p in range(s, s + n)]
+                    if window is not None:
+                        attended = [min(a, window) for a in attended]
+                    state.result.flops.blocks += sum(decoder_block_flops(self.shape, a, state.encoder_length)
+                                                     for a in attended)
+        return arch.clamp(arch.feed_forward(j, hidden))
 
     def propagate(self, j: int, local: List[int], upto: List[int]) -> None:
         """Give block j keys/values for each row's positions filled..upto-1 from their copied
@@ -360,11 +369,13 @@ class BatchDecoder:
         mark = self.timer.now()
         row_index = torch.tensor([r for r, a, b in pending for _ in range(a, b)], dtype=torch.long, device=self.device)
         positions = torch.tensor([p for r, a, b in pending for p in range(a, b)], dtype=torch.long, device=self.device)
-        attention = self.blocks[j].layer[0].SelfAttention
-        normed = layer_norm(self.blocks[j].layer[0].layer_norm, self.exit_states[row_index, positions])  # (P, d)
-        split = (-1, self.num_heads, self.head_dim)
-        keys, values = project(attention.k, normed).view(split), project(attention.v, normed).view(split)
-        self.cache.write(j, row_index, positions, keys, values, [b for _, _, b in pending], [r for r, _, _ in pending])
+        arch = self.arch
+        normed = arch.attention_input(j, self.exit_states[row_index, positions])[None]  # (1, P, d)
+        rope = arch.rope_at(self, arch.layer_kinds[j], self._real_positions(row_index, positions[:, None])[:, 0])
+        keys, values = arch.keys_values(j, normed, rope)  # (1, kv_heads, P, head_dim)
+        keys, values = keys[0].transpose(0, 1), values[0].transpose(0, 1)
+        self.cache.write(j, row_index, positions + self.prefix, keys, values, [b for _, _, b in pending],
+                         [r for r, _, _ in pending])
         if self.count_flops:
             for r, a, b in pending:
                 self.live[r].result.flops.blocks += skipped_block_flops(self.shape, b - a)
@@ -375,12 +386,18 @@ class BatchDecoder:
         return output_tokens(self.model, hidden, self.counters(rows))
 
     # ----- the loop ------------------------------------------------------------------------------
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: int, eos_ids: set) -> List[RowResult]:
-        """Decode input_ids (B, S) with its attention mask; one RowResult per row, in order."""
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: Optional[int],
+            eos_ids: set) -> List[RowResult]:
+        """Decode input_ids (B, S) with its attention mask; one RowResult per row, in order.
+        Encoder-decoder: the encoder reads input_ids and decoding begins at `start_token`.
+        Decoder-only: input_ids is the left-padded prompt, prefilled; its last token is tokens[0]
+        and the first new token is decided from the prefill's states (`first_token`)."""
         self.start(input_ids, attention_mask, start_token)
         done = []
+        step = self.step if self.arch.encoder_decoder else first_token
         while self.live:
-            outcomes = self.step(self)
+            outcomes = step(self)
+            step = self.step
             finished = []
             for i, (state, outcome) in enumerate(zip(self.live, outcomes)):
                 state.apply(outcome)
@@ -395,26 +412,50 @@ class BatchDecoder:
         done.sort(key=lambda state: state.row)
         return [state.result for state in done]
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: int) -> None:
-        """Encode the batch and make every row's decoding state (all rows live)."""
-        timer = self.timer
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: Optional[int]) -> None:
+        """Encode (or prefill) the batch and make every row's decoding state (all rows live)."""
+        timer, arch = self.timer, self.arch
         mark = timer.now()
-        self.encoder_states = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        self.cross_mask = torch.zeros(attention_mask.shape, device=self.device, dtype=self.dtype)
-        self.cross_mask = self.cross_mask.masked_fill(attention_mask == 0, self.min_value)[:, None, None, :]
         lengths = attention_mask.sum(-1).tolist()
-        B, L = input_ids.shape[0], self.num_layers
+        B, P, L = input_ids.shape[0], input_ids.shape[1], self.num_layers
         self.live: List[RowState] = []
         for b in range(B):
-            flops = FlopCounter(self.shape) if self.count_flops else None
-            if flops is not None:
-                flops.encoder += self.model.encoder_flops(lengths[b])
-            self.live.append(RowState(b, start_token, L, lengths[b], flops, self.tracing))
-        timer.add("encoder", mark)
-        self.cache = KVCache(L, B, self.num_heads, self.max_new_tokens, self.head_dim, self.device, self.dtype)
-        self.exit_states = torch.zeros((B, self.max_new_tokens, self.model.config.d_model), device=self.device,
+            flops = FlopCounter(self.shape, arch.front) if self.count_flops else None
+            if arch.encoder_decoder:
+                if flops is not None:
+                    flops.encoder += self.model.encoder_flops(lengths[b])
+                self.live.append(RowState(b, start_token, L, lengths[b], flops, self.tracing))
+            else:
+                if flops is not None:
+                    flops.encoder += prefill_flops(self.shape, lengths[b], self.windows)
+                self.live.append(RowState(b, int(input_ids[b, -1]), L, 0, flops, self.tracing, lengths[b]))
+        self.prefix = 0 if arch.encoder_decoder else P - 1
+        self.pads = torch.tensor([P - n for n in lengths], dtype=torch.long, device=self.device) \
+            if not arch.encoder_decoder else torch.zeros(B, dtype=torch.long, device=self.device)
+        self.cache = KVCache(L, B, arch.num_kv_heads, self.prefix + self.max_new_tokens, arch.head_dim, self.device,
+                             self.dtype)
+        self.exit_states = torch.zeros((B, self.max_new_tokens, arch.d_model), device=self.device,
                                        dtype=self.dtype)  # padded positions of FREE's deep pass read it
-        self.cross = [None] * L
+        if arch.encoder_decoder:
+            self.encoder_states = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            self.cross_mask = torch.zeros(attention_mask.shape, device=self.device, dtype=self.dtype)
+            self.cross_mask = self.cross_mask.masked_fill(attention_mask == 0, self.min_value)[:, None, None, :]
+            self.cross = [None] * L
+        else:
+            self.rope_tables = arch.rope_tables(P + self.max_new_tokens, self.device)
+            self._prefill(input_ids)
+        timer.add(arch.front, mark)
+
+    def _prefill(self, input_ids: torch.Tensor) -> None:
+        """Every block over the whole prompt at once (causal, padding masked), filling the caches;
+        keeps the last position's state after each block for the first token's exit rule."""
+        B, P = input_ids.shape
+        rows = self.select(list(range(B)), [-self.prefix] * B, [P] * B)
+        hidden = self.arch.embed(input_ids, self._real_positions(rows.index, rows.queries))
+        self.prefill_states = [hidden[:, -1]]
+        for j in range(self.num_layers):
+            hidden = self.block(j, hidden, rows, counted=False)
+            self.prefill_states.append(hidden[:, -1])
 
     def _keep(self, keep: List[int]) -> None:
         """Only these live rows go on: finished rows leave every buffer, and cost nothing after."""
@@ -424,29 +465,46 @@ class BatchDecoder:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.cache.keep(index, keep)
         self.exit_states = self.exit_states.index_select(0, index)
-        self.encoder_states = self.encoder_states.index_select(0, index)
-        self.cross_mask = self.cross_mask.index_select(0, index)
-        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
-                      for kv in self.cross]
+        self.pads = self.pads.index_select(0, index)
+        if self.arch.encoder_decoder:
+            self.encoder_states = self.encoder_states.index_select(0, index)
+            self.cross_mask = self.cross_mask.index_select(0, index)
+            self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                          for kv in self.cross]
 
     def stack_states(self, rows: Rows, hidden: torch.Tensor) -> None:
         """Copy the states hidden (R, 1, d) of `rows` at their current position, for propagation
         to skipped blocks or FREE's deep pass."""
         self.exit_states[rows.index, rows.queries[:, 0]] = hidden[:, 0]
 
-    def input_tokens(self) -> torch.Tensor:
-        """The last token of every live row, as the next step's input (R, 1)."""
-        return torch.tensor([[state.result.tokens[-1]] for state in self.live], device=self.device)
-
     def counters(self, local: List[int]):
         return [self.live[r].result.flops for r in local] if self.count_flops else None
 
 
-def exit_step(decoder: BatchDecoder) -> list:
+def first_token(decoder: BatchDecoder) -> list:
+    """Decoder-only: the first new token of every row, at the prompt's last position, by the exit
+    rule of `decoder.first_policy` over the states the prefill computed (every block ran there for
+    the prompt; the token is charged the blocks up to its exit layer, as any token)."""
+    prefilled = decoder.prefill_states
+    live = decoder.live
+
+    def layer(j: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        for r in rows.local:
+            live[r].result.block_runs[j] += 1
+        return prefilled[j + 1].index_select(0, rows.index)[:, None]
+
+    return exit_step(decoder, layer=layer, policy=decoder.first_policy)
+
+
+def exit_step(decoder: BatchDecoder, layer=None, policy: Optional[ExitPolicy] = None) -> list:
     """One token for every live row under the exit policy: each row leaves after the first
     checked layer whose confidence passes its threshold, or at the policy's last layer. With
-    traces every row runs all L layers and the trace records where it would have left."""
-    policy, scorer, timer = decoder.policy, decoder.scorer, decoder.timer
+    traces every row runs all L layers and the trace records where it would have left.
+    `layer(j, hidden, rows)` gives the state after block j (default: run the block; the first
+    token of a decoder-only model reads the prefill's); `policy` defaults to the decoder's."""
+    policy = policy or decoder.policy
+    scorer, timer = decoder.scorer, decoder.timer
+    layer = layer or decoder.block
     live = decoder.live
     positions = [state.position for state in live]
     thresholds = [policy.threshold_at(t, decoder.max_new_tokens) for t in positions]
@@ -454,7 +512,7 @@ def exit_step(decoder: BatchDecoder) -> list:
     tracer = LayerTracer(decoder, rows.local) if decoder.tracing else None
     if scorer is not None:
         scorer.start_step(decoder.counters(rows.local))
-    hidden = decoder.embed(decoder.input_tokens())
+    hidden = decoder.embed_inputs(rows)
     outcomes = [None] * len(live)
     would_exit = [None] * len(live)
     # rows whose token is the output head's: (local rows, states (E, d), exit layer, JSD records),
@@ -465,7 +523,7 @@ def exit_step(decoder: BatchDecoder) -> list:
         if decoder.lazy:
             decoder.propagate(j, rows.local, rows.starts)
         mark = timer.now()
-        previous, hidden = hidden, decoder.block(j, hidden, rows)
+        previous, hidden = hidden, layer(j, hidden, rows)
         mark = timer.add("blocks", mark)
         leaving, confidences = [], None
         if scorer is not None:

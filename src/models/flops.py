@@ -5,6 +5,7 @@ sums them per generate call into confidence, block and encoder FLOPs.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,12 @@ class Shape:
     ff_matrices: int  # 2, or 3 in gated (T5 v1.1) blocks
     vocab_size: int
     encoder_layers: int
+    kv_inner: Optional[int] = None  # key/value heads x head size (grouped-query attention); None: inner
+    cross_attention: bool = True  # encoder-decoder blocks attend to the encoder
+
+    @property
+    def kv(self) -> int:
+        return self.inner if self.kv_inner is None else self.kv_inner
 
     @classmethod
     def of(cls, config) -> "Shape":
@@ -33,17 +40,21 @@ def output_head_flops(shape: Shape) -> int:
 
 
 def decoder_block_flops(shape: Shape, self_positions: int, encoder_positions: int) -> int:
-    """One decoder block for one token attending to `self_positions` cached positions."""
+    """One decoder block for one token attending to `self_positions` cached positions (and, in an
+    encoder-decoder, to `encoder_positions`)."""
     d, inner = shape.d_model, shape.inner
-    projections = 2 * d * inner * 6  # q, k, v, o of self-attention; q, o of cross-attention
-    attention = 4 * inner * self_positions + 4 * inner * encoder_positions
+    projections = 2 * d * inner * 2 + 2 * d * shape.kv * 2  # q, o and k, v of self-attention
+    attention = 4 * inner * self_positions
+    if shape.cross_attention:
+        projections += 2 * d * inner * 2  # q, o of cross-attention
+        attention += 4 * inner * encoder_positions
     feed_forward = 2 * d * shape.d_ff * shape.ff_matrices
     return projections + attention + feed_forward
 
 
 def skipped_block_flops(shape: Shape, positions: int = 1) -> int:
     """State propagation: only the key and value projections of the copied states."""
-    return 2 * 2 * shape.d_model * shape.inner * positions
+    return 2 * 2 * shape.d_model * shape.kv * positions
 
 
 def cross_kv_flops(shape: Shape, encoder_positions: int) -> int:
@@ -58,19 +69,31 @@ def encoder_flops(shape: Shape, positions: int) -> int:
     return per_layer * shape.encoder_layers
 
 
-class FlopCounter:
-    """Sums FLOPs of one generate call by component."""
+def prefill_flops(shape: Shape, positions: int, windows) -> int:
+    """A decoder-only model's prompt of `positions` tokens through every block (`windows`: per
+    block its sliding window or None), each position attending to the positions up to itself."""
+    total = 0
+    for window in windows:
+        total += sum(decoder_block_flops(shape, p if window is None else min(p, window), 0)
+                     for p in range(1, positions + 1))
+    return total
 
-    def __init__(self, shape: Shape):
+
+class FlopCounter:
+    """Sums FLOPs of one generate call by component; `front` names the work done once per sample
+    before the first token (T5's encoder, a decoder-only model's prefill)."""
+
+    def __init__(self, shape: Shape, front: str = "encoder"):
         self.shape = shape
+        self.front = front
         self.confidence = 0
         self.blocks = 0
-        self.encoder = 0
+        self.encoder = 0  # the front's FLOPs
 
     def as_stats(self) -> dict:
         return {
             "flops_confidence": self.confidence,
             "flops_blocks": self.blocks,
-            "flops_encoder": self.encoder,
+            f"flops_{self.front}": self.encoder,
             "flops_total": self.confidence + self.blocks + self.encoder,
         }

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from models import confidence as measures
 from models.decode_loop import output_tokens
 from models.flops import head_flops
-from models.projection import layer_norm, project
+from models.architectures import describe
+from models.projection import project
 from models.vocab_reduction import RetainedSets
 
 CONTRASTIVE = ("contrastive_decoding", "reweight_contrastive_decoding", "JSD_contrastive_confidence")
@@ -29,13 +30,11 @@ class LayerScorer:
         self.model = model
         self.kind = conf_type
         self.head = model.lm_head
-        norm = model.decoder.final_layer_norm
-        scale = model.model_dim ** -0.5 if model.config.scale_decoder_outputs else 1.0
-        # T5's output scaling folded into the final norm's weight once, so that a check
-        # normalises in one rms_norm call instead of T5LayerNorm's six ops plus a multiplication
-        self.norm_weight = (norm.weight * scale).detach()
-        self.norm_eps = norm.variance_epsilon
-        self.num_layers = model.config.num_decoder_layers
+        self.arch = describe(model)
+        # s(norm(h)) as the architecture computes it for checks (T5: its output scaling folded into
+        # the final norm's weight, one rms_norm call instead of T5LayerNorm's six ops and a product)
+        self.normed = self.arch.check_input()
+        self.num_layers = self.arch.num_layers
         self.reduction = args.type_vocab_reduct
         self.reduction_settings = (args.vocab_k_max, args.vocab_k_min, args.vocab_adaptive_scale, args.vocab_rerank)
         self.alpha = args.cd_alpha
@@ -86,10 +85,6 @@ class LayerScorer:
         if self.kind in CONTRASTIVE:
             self.states[layer] = hidden
 
-    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """s(norm(h)), what the LM head reads (equal to decode_loop.scaled_norm up to rounding)."""
-        return F.rms_norm(hidden, self.norm_weight.shape, self.norm_weight, self.norm_eps)
-
     def _count(self, flops: List[int]) -> None:
         if self.counters is not None:
             for counter, value in zip(self.counters, flops):
@@ -132,7 +127,7 @@ class LayerScorer:
             values = measures.state_confidence(hidden, previous)[:, 0].tolist()
             self._count_each(lambda shape: 6 * shape.d_model)
         elif kind == "meta":
-            normed = layer_norm(self.model.decoder.final_layer_norm, hidden)
+            normed = self.arch.final_norm(hidden)
             values = measures.meta_confidence(self.model.cm_head, normed)[:, 0].tolist()
             self._count_each(lambda shape: 2 * shape.d_model * shape.d_model + 2 * shape.d_model * 2)
         else:

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Tuple
 
 from models.flops import FlopCounter
 
-TIMED_COMPONENTS = ("encoder", "blocks", "confidence", "head", "propagation")
+# per generate call; besides these, the front: "encoder" (encoder-decoder) or "prefill" (decoder-only)
+TIMED_COMPONENTS = ("blocks", "confidence", "head", "propagation")
 
 
 @dataclass

@@ -101,7 +101,7 @@ def shallow_pass(decoder: BatchDecoder):
     positions = [state.position for state in decoder.live]
     rows = decoder.select(list(range(len(positions))), positions, [1] * len(positions))
     scorer.start_step(decoder.counters(rows.local))
-    hidden = decoder.embed(decoder.input_tokens())
+    hidden = decoder.embed_inputs(rows)
     mark = timer.now()
     for j in range(k):
         previous, hidden = hidden, decoder.block(j, hidden, rows)

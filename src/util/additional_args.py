@@ -312,9 +312,15 @@ def uses_parallel_decoding(args) -> bool:
     return args.parallel_gen_token and not args.copy_skipped_hidden_states
 
 
+def decoder_layers(config) -> int:
+    """L: the decoder's blocks (T5's decoder, or a decoder-only model's layers)."""
+    layers = getattr(config, "num_decoder_layers", None)
+    return layers if layers is not None else config.num_hidden_layers
+
+
 def update_autoconfig(config, additional_args: AdditionalArguments, **kwargs):
     """Validate the flags against the model's depth and copy them, and kwargs, into `config`."""
-    validate_additional_args(additional_args, config.num_decoder_layers)
+    validate_additional_args(additional_args, decoder_layers(config))
     for f in fields(AdditionalArguments):
         setattr(config, f.name, getattr(additional_args, f.name))
     for key, value in kwargs.items():
