@@ -13,11 +13,13 @@ The flags are read from `model.config` at every call, so changing them (through
 one call with other flags and leaves the config as it is.
 """
 
+import dataclasses
 from typing import Optional
 
 import torch
 from transformers import T5ForConditionalGeneration
 
+from models.architectures import describe
 from models.confidence import build_meta_head
 from models.adaptive_threshold import BetaMixtureThreshold
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
@@ -36,35 +38,40 @@ class EarlyExitGenerationMixin:
 
     def _init_early_exit(self, config) -> None:
         if _uses_meta_head(config):
-            self.cm_head = build_meta_head(config.d_model)
+            self.cm_head = build_meta_head(config.hidden_size)
         self._exit_stats = {}
         self.threshold_estimator = None  # FREE's adaptive threshold, kept across generate calls
 
     def exit_args(self, overrides: Optional[AdditionalArguments] = None) -> AdditionalArguments:
         """The validated flags a generate call decodes with: `overrides`, else the config's."""
         args = overrides if overrides is not None else AdditionalArguments.from_config(self.config)
-        validate_additional_args(args, self.config.num_decoder_layers)
+        validate_additional_args(args, describe(self).num_layers)
         if _uses_meta_head(args) and getattr(self, "cm_head", None) is None:
             raise ValueError("exit_conf_type='meta' needs the meta head: build the model with that flag in its config.")
         return args
 
-    def _max_new_tokens(self, max_new_tokens: Optional[int], max_length: Optional[int]) -> int:
+    def _max_new_tokens(self, max_new_tokens: Optional[int], max_length: Optional[int], prompt_length: int) -> int:
         if max_new_tokens is None:
-            # like HF: max_length counts the decoder start token
+            # like HF: max_length counts the decoder start token, or a decoder-only model's prompt
             max_length = max_length if max_length is not None else self.generation_config.max_length or 20
-            max_new_tokens = max_length - 1
+            max_new_tokens = max_length - (1 if describe(self).encoder_decoder else prompt_length)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
         return max_new_tokens
 
     def _special_tokens(self):
+        """(decoder start token or None for a decoder-only model, padding token, end tokens)."""
         gen, cfg = self.generation_config, self.config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
+        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(cfg, "pad_token_id", None)
+        if not describe(self).encoder_decoder:  # HF pads finished rows with the first end token
+            first_eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+            pad = pad if pad is not None else first_eos
+            return None, int(pad if pad is not None else 0), eos_ids
         start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
         if start is None:
             start = cfg.pad_token_id
-        pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
-        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
         return int(start), int(pad if pad is not None else 0), eos_ids
 
     @torch.inference_mode()
@@ -91,12 +98,15 @@ class EarlyExitGenerationMixin:
         if attention_mask is not None and not attention_mask.bool().any(-1).all():
             row = int((~attention_mask.bool().any(-1)).nonzero()[0, 0])
             raise ValueError(f"row {row} of attention_mask masks every input token.")
+        arch = describe(self)
+        if not arch.encoder_decoder and attention_mask is not None:
+            check_left_padded(attention_mask)
         args = self.exit_args(exit_args)
-        steps = self._max_new_tokens(max_new_tokens, max_length)
+        steps = self._max_new_tokens(max_new_tokens, max_length, input_ids.shape[1])
         start, pad, eos_ids = self._special_tokens()
         if self.training:
             raise ValueError("generate() needs the model in eval mode (call model.eval()): dropout would change outputs.")
-        num_layers = self.config.num_decoder_layers
+        num_layers = arch.num_layers
         policy = ExitPolicy.from_args(args, num_layers)
         trace = bool(args.plotting_logits)
         if trace and policy.conf_type is None and args.static_exit_layer is None:
@@ -114,8 +124,14 @@ class EarlyExitGenerationMixin:
             step = self._shallow_deep_step(args)
         else:
             step = None
+        if free and args.use_self_speculation:  # decoder-only: the prefill gives the full model's first token
+            first_policy = ExitPolicy(num_layers, num_layers)
+        elif free:  # FREE's rule at the shallow layer, with the step's (adaptive) threshold
+            first_policy = dataclasses.replace(policy, threshold=step.threshold)
+        else:
+            first_policy = policy
         decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
-                               lazy_propagation=lazy_propagation, step=step)
+                               lazy_propagation=lazy_propagation, step=step, first_policy=first_policy)
         rows = decoder.run(input_ids, attention_mask, start, eos_ids)
         if free and args.use_adapt_threshold:  # refit as if the rows had come one after another
             for row in rows:
@@ -128,6 +144,8 @@ class EarlyExitGenerationMixin:
         out = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
         for b, row in enumerate(rows):
             out[b, : len(row.tokens)] = torch.tensor(row.tokens, device=self.device)
+        if not arch.encoder_decoder:  # the prompt, then the new tokens (tokens[0] is the prompt's last)
+            out = torch.cat([input_ids, out[:, 1:]], dim=1)
 
         stats = merge_rows(rows, num_layers, policy.max_checked_layer if free else None,
                            counted=step.counted if free else ())
@@ -136,7 +154,7 @@ class EarlyExitGenerationMixin:
         if free and args.use_self_speculation:
             stats.update(speculation_rates(stats))
         stats["time_total"] = total
-        for name in TIMED_COMPONENTS:
+        for name in (arch.front,) + TIMED_COMPONENTS:
             stats[f"time_{name}"] = timer.seconds.get(name, 0.0)
         if trace:
             stats["layer_traces"] = [row.trace for row in rows]  # per row: util.diagnostics.LayerTrace fields
@@ -163,6 +181,16 @@ class EarlyExitGenerationMixin:
     def exit_stats(self) -> dict:
         """Statistics of the last generate call."""
         return dict(self._exit_stats)
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Decoder-only batches are left-padded (HF's convention): each row's zeros come first."""
+    mask = attention_mask.bool()
+    later = mask.long().cummax(-1).values.bool()  # True from each row's first real token on
+    if (later & ~mask).any():
+        row = int((later & ~mask).any(-1).nonzero()[0, 0])
+        raise ValueError(f"row {row} of attention_mask has padding after its first token: decoder-only models "
+                         "decode left-padded batches (tokenizer.padding_side = 'left'), as HF's generate does.")
 
 
 class DeployT5ForConditionalGeneration(EarlyExitGenerationMixin, T5ForConditionalGeneration):

@@ -28,6 +28,7 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, Lon
                           MT5ForConditionalGeneration, Seq2SeqTrainer, T5ForConditionalGeneration, set_seed)
 from transformers.training_args import ParallelMode
 
+from models.deploying_causal import CAUSAL_DEPLOY_CLASSES
 from models.deploying_longt5 import DeployLongT5ForConditionalGeneration
 from models.deploying_mt5 import DeployMT5ForConditionalGeneration
 from models.deploying_t5 import DeployT5ForConditionalGeneration
@@ -63,6 +64,8 @@ MODEL_CLASSES = {
     "longt5": (TrainLongT5ForConditionalGeneration, DeployLongT5ForConditionalGeneration,
                LongT5ForConditionalGeneration),
 }
+# decoder-only types: (deploy, HF's plain) classes; the task scripts take T5-family models only so far
+DECODER_ONLY_CLASSES = CAUSAL_DEPLOY_CLASSES
 # T5-family types refused, and why
 UNSUPPORTED_MODEL_TYPES = {
     "umt5": "UMT5 gives every decoder block its own relative position bias, while the early-exit decoder "
@@ -72,6 +75,9 @@ UNSUPPORTED_MODEL_TYPES = {
 
 def model_class(training: bool, deploy: bool, model_type: str = "t5"):
     """The model class of each stage and model type, chosen here only."""
+    if model_type in DECODER_ONLY_CLASSES and not training:
+        deploy_class, plain_class = DECODER_ONLY_CLASSES[model_type]
+        return deploy_class if deploy else plain_class
     check_model_type(model_type, "model_type", model_type)
     train_class, deploy_class, plain_class = MODEL_CLASSES[model_type]
     if training:
@@ -83,9 +89,13 @@ def check_model_type(model_type: str, arg: str, source: str) -> None:
     if model_type in MODEL_CLASSES:
         return
     why = UNSUPPORTED_MODEL_TYPES.get(model_type)
+    if model_type in DECODER_ONLY_CLASSES:
+        why = "decoder-only models decode through the Python API (models.deploying_causal); the task scripts " \
+              "train and evaluate T5-family models"
     reason = f": {why}" if why else ""
     raise ValueError(f"{arg} {source} is a '{model_type}' model, which these scripts do not support{reason}. "
-                     f"Supported model types: {', '.join(sorted(MODEL_CLASSES))}.")
+                     f"Supported model types: {', '.join(sorted(MODEL_CLASSES))}; decoder-only (generate only): "
+                     f"{', '.join(sorted(DECODER_ONLY_CLASSES))}.")
 
 
 # ----- checks ----------------------------------------------------------------------------------
