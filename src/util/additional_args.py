@@ -36,7 +36,12 @@ INTERMEDIATE_LOSSES = (
     "shallowdeep_kl_last",
     "shallowdeep_kl_unif",
     "shallowdeep_kl_dyna",
+    "layerskip",
 )
+# LayerSkip's recipe (models.exit_training states the formulas); the first of each is the default
+EARLY_EXIT_CURRICULA = ("none", "rotational", "gradual")
+EARLY_EXIT_SCALE_TYPES = ("sum_l", "uniform", "l", "sqrt_l", "inv_l", "inv_sqrt_l")
+LAYER_DROPOUT_SCALE_TYPES = ("exp", "linear", "uniform")
 
 
 def _flag(default, help_text):
@@ -56,6 +61,12 @@ class AdditionalArguments:
     intermediate_loss_fn: Optional[str] = _flag(None, f"Loss on intermediate layers: one of {', '.join(INTERMEDIATE_LOSSES)}.")
     distill_layer_alpha: Optional[float] = _flag(None, "Weight of distillation, in [0, 1]: CE + alpha KD (shallowdeep_kd_*), (1 - alpha) CE + alpha KL (shallowdeep_kl_*).")
     do_layer_transformation: bool = _flag(False, "A learnt map T on the shallow decoder's (student) hidden states in the distillation term.")
+    early_exit_loss_scale: Optional[float] = _flag(None, "layerskip: e, the factor on every layer's loss but the last's (> 0; 1.0 when unset).")
+    early_exit_scale_type: Optional[str] = _flag(None, f"layerskip: the per-layer scale s(l), one of {', '.join(EARLY_EXIT_SCALE_TYPES)} (sum_l when unset).")
+    early_exit_curriculum: Optional[str] = _flag(None, f"layerskip: which layers' losses count at each step, one of {', '.join(EARLY_EXIT_CURRICULA)} (none when unset).")
+    early_exit_rotation_interval: Optional[int] = _flag(None, "layerskip's rotational curriculum: R, every R-th layer enabled, rotated by one layer per step (>= 1).")
+    layer_dropout_max: Optional[float] = _flag(None, "LayerSkip's layer dropout: p_max, the rate of the last decoder block in [0, 1); rates rise with depth; training only.")
+    layer_dropout_scale: Optional[str] = _flag(None, f"How layer dropout rises with depth: one of {', '.join(LAYER_DROPOUT_SCALE_TYPES)} (exp when unset).")
 
     # static exit
     static_exit_layer: Optional[int] = _flag(None, "Every token leaves after this decoder block (1..L).")
@@ -165,6 +176,57 @@ def _check_intermediate_loss(args) -> None:
                          f"shallowdeep_kl_* intermediate_loss_fn, not {name!r}.")
 
 
+def _check_layerskip(args) -> None:
+    """LayerSkip's flags: their values, and none set where it would be ignored."""
+    loss_flags = ("early_exit_loss_scale", "early_exit_scale_type", "early_exit_curriculum", "early_exit_rotation_interval")
+    if args.intermediate_loss_fn != "layerskip":
+        given = [name for name in loss_flags if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only act with intermediate_loss_fn='layerskip', "
+                             f"not {args.intermediate_loss_fn!r}.")
+    _check_range("early_exit_loss_scale", args.early_exit_loss_scale, 0, float("inf"), low_open=True)
+    for name, allowed in (("early_exit_scale_type", EARLY_EXIT_SCALE_TYPES),
+                          ("early_exit_curriculum", EARLY_EXIT_CURRICULA),
+                          ("layer_dropout_scale", LAYER_DROPOUT_SCALE_TYPES)):
+        value = getattr(args, name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}.")
+    rotation = args.early_exit_rotation_interval
+    if rotation is not None and (isinstance(rotation, bool) or not isinstance(rotation, int) or rotation < 1):
+        raise ValueError(f"early_exit_rotation_interval={rotation!r} must be a positive integer.")
+    if args.early_exit_curriculum == "rotational" and rotation is None:
+        raise ValueError("early_exit_curriculum='rotational' needs early_exit_rotation_interval (R >= 1: every "
+                         "R-th layer's loss counts, rotated by one layer per step).")
+    if rotation is not None and args.early_exit_curriculum != "rotational":
+        raise ValueError(f"early_exit_rotation_interval only acts with early_exit_curriculum='rotational', "
+                         f"not {args.early_exit_curriculum!r}.")
+    _check_range("layer_dropout_max", args.layer_dropout_max, 0, 1, high_open=True)
+    if args.layer_dropout_scale is not None and args.layer_dropout_max is None:
+        raise ValueError("layer_dropout_scale only acts with layer_dropout_max.")
+    if args.layer_dropout_max and args.train_meta_cm_head:
+        raise ValueError("layer_dropout_max cannot be combined with train_meta_cm_head: the meta head trains on "
+                         "the frozen model in eval mode, where no layer is dropped.")
+
+
+def early_exit_settings(args):
+    """(curriculum, e, scale type, R) of the layerskip loss, defaults filled in."""
+    return (args.early_exit_curriculum or "none",
+            1.0 if args.early_exit_loss_scale is None else args.early_exit_loss_scale,
+            args.early_exit_scale_type or "sum_l",
+            args.early_exit_rotation_interval)
+
+
+def layer_dropout_scale(config) -> str:
+    """D's type for layer dropout (a config or AdditionalArguments), exp when unset."""
+    return getattr(config, "layer_dropout_scale", None) or "exp"
+
+
+def decoder_layers(config) -> int:
+    """L, the decoder's depth: T5's num_decoder_layers, a decoder-only model's num_hidden_layers."""
+    layers = getattr(config, "num_decoder_layers", None)
+    return config.num_hidden_layers if layers is None else layers
+
+
 def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int) -> None:
     """Raise ValueError, naming the flag(s), for any invalid value or combination."""
     L = num_decoder_layers
@@ -231,6 +293,7 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
     elif args.distill_layer_alpha is not None or args.do_layer_transformation:
         raise ValueError("distill_layer_alpha and do_layer_transformation only act with a shallowdeep_kd_* or "
                          "shallowdeep_kl_* intermediate_loss_fn.")
+    _check_layerskip(args)
     if args.train_meta_cm_head:
         if not args.output_hidden_states_decoder:
             raise ValueError("train_meta_cm_head needs output_hidden_states_decoder=True.")
