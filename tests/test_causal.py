@@ -207,7 +207,10 @@ def test_model_class_returns_decoder_only_deploy_classes_and_refuses_others():
     from models.deploying_causal import CAUSAL_DEPLOY_CLASSES
     from tasks.runner import model_class
 
+    from models.modeling_causal import TRAIN_CLASSES
+
     for model_type, (deploy, plain) in CAUSAL_DEPLOY_CLASSES.items():
+        assert model_class(training=True, deploy=False, model_type=model_type) is TRAIN_CLASSES[model_type]
         assert model_class(training=False, deploy=True, model_type=model_type) is deploy
         assert model_class(training=False, deploy=False, model_type=model_type) is plain
     with pytest.raises(ValueError, match="llama"):

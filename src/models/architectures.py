@@ -184,7 +184,8 @@ CAUSAL_BLOCKS: Dict[str, CausalBlock] = {
 }
 
 
-def _attribute(obj, path: str):
+def attribute(obj, path: str):
+    """obj.a.b.c for path 'a.b.c'."""
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
@@ -204,16 +205,16 @@ class CausalDecoder:
         for name in ("final_logit_softcapping", "attn_logit_softcapping", "scale_attn_by_inverse_layer_idx"):
             if getattr(config, name, None):
                 raise ValueError(f"config.{name}={getattr(config, name)!r} is not supported by the early-exit decoder.")
-        self.blocks = _attribute(model, spec.layers)
+        self.blocks = attribute(model, spec.layers)
         self.num_layers = len(self.blocks)
         self.d_model = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or self.d_model // self.num_heads
         self.head = model.lm_head
-        self.norm = _attribute(model, spec.final_norm)
-        self.embedding = _attribute(model, spec.embed)
-        self.position_embedding = _attribute(model, spec.absolute_positions) if spec.absolute_positions else None
+        self.norm = attribute(model, spec.final_norm)
+        self.embedding = attribute(model, spec.embed)
+        self.position_embedding = attribute(model, spec.absolute_positions) if spec.absolute_positions else None
         if config.model_type == "gpt2":
             self.scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
         elif config.model_type == "gemma3_text":
@@ -227,7 +228,7 @@ class CausalDecoder:
             types = [SLIDING if window is not None else FULL] * self.num_layers
         self.layer_kinds = list(types) if types else [FULL] * self.num_layers
         self.window = window
-        self.rotary = getattr(_attribute(model, spec.layers.rsplit(".", 1)[0]), "rotary_emb", None)
+        self.rotary = getattr(attribute(model, spec.layers.rsplit(".", 1)[0]), "rotary_emb", None)
         self.rope_per_kind = config.model_type == "gemma3_text"  # local and global rotary bases
         self.modules = [self._resolve(block) for block in self.blocks]
 

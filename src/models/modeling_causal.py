@@ -21,12 +21,14 @@ import torch
 from transformers import (Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
                           Qwen2ForCausalLM, Qwen3ForCausalLM)
 
+from models.architectures import CAUSAL_BLOCKS, attribute
 from models.exit_training import IGNORE, EarlyExitTrainingMixin
 
 
 def final_norm(model) -> torch.nn.Module:
-    """The final norm the LM head reads after: GPT-2's ln_f, the others' model.norm."""
-    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+    """The final norm the LM head reads after (GPT-2's ln_f, the others' model.norm), where the
+    decode loop's architecture table (models.architectures.CAUSAL_BLOCKS) says it is."""
+    return attribute(model, CAUSAL_BLOCKS[model.config.model_type].final_norm)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ class CausalExitTrainingMixin(EarlyExitTrainingMixin):
         return final_norm(self)(hidden)
 
     def _exit_blocks(self):
-        return self.transformer.h if hasattr(self, "transformer") else self.model.layers
+        return attribute(self, CAUSAL_BLOCKS[self.config.model_type].layers)
 
     def _exit_targets(self, labels):
         return shift_labels(labels)

@@ -29,6 +29,7 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, Lon
 from transformers.training_args import ParallelMode
 
 from models.deploying_causal import CAUSAL_DEPLOY_CLASSES
+from models.modeling_causal import TRAIN_CLASSES as CAUSAL_TRAIN_CLASSES
 from models.deploying_longt5 import DeployLongT5ForConditionalGeneration
 from models.deploying_mt5 import DeployMT5ForConditionalGeneration
 from models.deploying_t5 import DeployT5ForConditionalGeneration
@@ -75,8 +76,10 @@ UNSUPPORTED_MODEL_TYPES = {
 
 def model_class(training: bool, deploy: bool, model_type: str = "t5"):
     """The model class of each stage and model type, chosen here only."""
-    if model_type in DECODER_ONLY_CLASSES and not training:
+    if model_type in DECODER_ONLY_CLASSES:
         deploy_class, plain_class = DECODER_ONLY_CLASSES[model_type]
+        if training:
+            return CAUSAL_TRAIN_CLASSES[model_type]
         return deploy_class if deploy else plain_class
     check_model_type(model_type, "model_type", model_type)
     train_class, deploy_class, plain_class = MODEL_CLASSES[model_type]
