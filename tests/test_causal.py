@@ -157,6 +157,19 @@ def test_every_row_of_a_left_padded_batch_decodes_as_it_would_alone(models, fami
         assert len(exits_seen) >= 2, "exits do not vary: the comparison would be weak"
 
 
+@pytest.mark.parametrize("method", ["softmax", "decaying-rerank", "jsd", "free-rollback", "self-speculation", "flops"])
+def test_every_row_of_a_left_padded_batch_decodes_as_it_would_alone_float32(models, method):
+    model = models("qwen3", torch.float32)
+    args = AdditionalArguments(**CAUSAL_METHODS[method])
+    rows = prompts(LENGTHS, seed=9)
+    ids, mask = left_padded(rows)
+    out, stats = decode(model, args, ids, mask)
+    for b, row in enumerate(rows):
+        expected, alone = decode(model, args, row)
+        assert out[b, ids.shape[1]:].tolist() == expected[0, row.shape[1]:].tolist(), f"row {b} tokens"
+        assert stats["exit_layers"][b] == alone["exit_layers"][0], f"row {b} exit layers"
+
+
 def test_flops_count_grouped_query_attention_gated_feed_forward_and_the_prefill(models):
     model = models("gemma3")
     row = prompts((7,), seed=7)[0]

@@ -309,7 +309,11 @@ class BatchDecoder:
             keys = keys.transpose(1, 2).reshape(split).index_select(0, flat)
             values = values.transpose(1, 2).reshape(split).index_select(0, flat)
         ends = [s + n for s, n in zip(rows.starts, rows.lengths)]
-        self.cache.write(j, row_index, positions + self.prefix, keys, values, ends, rows.local)
+        self.cache.write(j, row_index, self._slots(positions), keys, values, ends, rows.local)
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of loop positions (the prompt fills the first `prefix` slots)."""
+        return positions + self.prefix if self.prefix else positions
 
     def _cross_kv(self, j: int, rows: Rows):
         """Keys/values of block j over the encoder output, made for the whole batch on first use;
@@ -374,7 +378,7 @@ class BatchDecoder:
         rope = arch.rope_at(self, arch.layer_kinds[j], self._real_positions(row_index, positions[:, None])[:, 0])
         keys, values = arch.keys_values(j, normed, rope)  # (1, kv_heads, P, head_dim)
         keys, values = keys[0].transpose(0, 1), values[0].transpose(0, 1)
-        self.cache.write(j, row_index, positions + self.prefix, keys, values, [b for _, _, b in pending],
+        self.cache.write(j, row_index, self._slots(positions), keys, values, [b for _, _, b in pending],
                          [r for r, _, _ in pending])
         if self.count_flops:
             for r, a, b in pending:
