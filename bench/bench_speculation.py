@@ -23,6 +23,14 @@ The demo model (cache/demo_bio, written by `make demo`; skipped when absent) run
 comparison on its first --demo_samples evaluation sources, at threshold 0 and at the demo's
 softmax 0.9, with its own shallow layer 2 of 8: acceptance there is whatever the trained model
 gives.
+
+`--do_sample`: self-speculative sampling against the full model's sampling at each of
+--temperatures (top_k 0, top_p 1: the whole distribution), on the random model at the first
+--targets agreement (its deep scale calibrated as above) and on the demo model at threshold 0.
+Each round draws with the same seeds per variant (a generator seeded by the source's index);
+outputs are not compared (self-speculative sampling keeps the full model's distribution, not
+its draws: tests/test_sampling.py checks the distribution), so tokens/s counts each variant's
+own tokens; acceptance is accepted / drafted drafts.
 """
 
 import argparse
@@ -93,12 +101,16 @@ def calibrate(model, shallow: int, scale: DeepScale, target: float, inputs, new_
     return math.exp((low + high) / 2)
 
 
-def decode_all(model, inputs, new_tokens, **flags):
+def decode_all(model, inputs, new_tokens, temperature=None, **flags):
+    """A variant: every input decoded with `flags`, greedily, or sampling at `temperature`."""
     def run():
         configure(model, **flags)
         outputs, stats = [], []
-        for input_ids in inputs:
-            outputs.append(model.generate(input_ids=input_ids, max_new_tokens=new_tokens))
+        for i, input_ids in enumerate(inputs):
+            sampling = {} if temperature is None else dict(
+                do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                generator=torch.Generator(input_ids.device).manual_seed(i))
+            outputs.append(model.generate(input_ids=input_ids, max_new_tokens=new_tokens, **sampling))
             stats.append(model.exit_stats())
         return {"outputs": outputs, "stats": stats}
     return run
@@ -146,6 +158,98 @@ def table_row(first, second, row):
             f"{row['block_avg']:.1f}",
             f"{row['predicted_blocks']:.1f}" if "predicted_blocks" in row else "-",
             f"{row['tokens_per_s']:.2f}", f"{row['speedup']:.2f}x"]
+
+
+def measure_sampling(variants, rounds, device, labels):
+    """Sampling variants side by side: tokens/s of each over its own outputs (median of rounds)."""
+    results = run_side_by_side(variants, rounds, device)
+    summary = []
+    for name, result in results.items():
+        speeds = [sum(out.shape[1] - 1 for out in outputs) / seconds
+                  for outputs, seconds in zip(result["outputs"], result["seconds"])]
+        stats = [s for round_stats in result["stats"] for s in round_stats]
+        drafted, accepted = summed(stats, "drafted_tokens") if "drafted_tokens" in stats[0] else 0, \
+            summed(stats, "accepted_tokens") if "accepted_tokens" in stats[0] else 0
+        summary.append(dict(labels(name), setting=name, tokens_per_s=median(speeds),
+                            acceptance_rate=accepted / drafted if drafted else None,
+                            block_avg=summed(stats, "block_avg") / len(stats)))
+    for row in summary:  # against the full model's sampling at the same temperature
+        full = next(r for r in summary if r["temperature"] == row["temperature"] and r["setting"].startswith("full"))
+        row["speedup"] = row["tokens_per_s"] / full["tokens_per_s"]
+    return summary
+
+
+def sampling_variants(model, inputs, new_tokens, shallow, args):
+    variants = {}
+    for t in args.temperatures:
+        variants[f"full model, T={t}"] = decode_all(model, inputs, new_tokens, temperature=t)
+        for n in args.draft_lengths:
+            variants[f"self-spec n={n}, T={t}"] = decode_all(model, inputs, new_tokens, temperature=t,
+                                                             **speculation_flags(n, shallow))
+    return variants
+
+
+def print_sampling(title, summary):
+    print(title)
+    print_table(["setting", "acceptance", "block_avg", "tokens/s", "vs full (same T)"],
+                [[r["setting"], "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+                  f"{r['block_avg']:.1f}", f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x"] for r in summary])
+
+
+def sampling_part(args):
+    """--do_sample: the random model at the first target agreement, then the demo model."""
+    device = torch.device(args.device)
+    temperature_of = lambda name: float(name.rsplit("T=", 1)[1])  # noqa: E731
+    out = {}
+    if args.targets:
+        model = build_model(args.shape, device=device)
+        num_layers = model.config.num_decoder_layers
+        shallow = num_layers // 4
+        torch.manual_seed(1)
+        with torch.no_grad():  # an untied head: see the module docstring
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+        scale = DeepScale(model, shallow)
+        inputs = sample_inputs(model, args.samples, args.source_length)
+        target = args.targets[0]
+        s = calibrate(model, shallow, scale, target, inputs, args.new_tokens)
+        scale.set(s)
+        print(f"sampling, agreement {target} (greedy): deep scale {s:.4f}, running {args.rounds} rounds", flush=True)
+        summary = measure_sampling(sampling_variants(model, inputs, args.new_tokens, shallow, args), args.rounds,
+                                   device, lambda name: dict(temperature=temperature_of(name), target_agreement=target,
+                                                             deep_scale=s))
+        print_sampling(f"{args.shape} shape, random weights, greedy agreement {target}, shallow layer {shallow}, "
+                       f"{args.samples} samples x {args.new_tokens} tokens, median of {args.rounds} rounds, "
+                       f"{torch.get_num_threads()} threads", summary)
+        out["random"] = summary
+    if (DEMO_CACHE / "model").is_dir():
+        model, inputs, new_tokens = load_demo(args)
+        summary = measure_sampling(sampling_variants(model, inputs, new_tokens, DEMO_SHALLOW, args), args.rounds,
+                                   device, lambda name: dict(temperature=temperature_of(name)))
+        print_sampling(f"demo model (cache/demo_bio, shallow layer {DEMO_SHALLOW}, threshold 0), {len(inputs)} "
+                       f"evaluation sources, median of {args.rounds} rounds", summary)
+        out["demo"] = summary
+    else:
+        print(f"\n(no demo model in {DEMO_CACHE}: its part is skipped; run `make demo` first)")
+    return out
+
+
+def load_demo(args):
+    """The demo model on the device, its first --demo_samples evaluation sources, its length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from demo import TASKS, eval_sources
+    from models.deploying_t5 import DeployT5ForConditionalGeneration
+
+    model_dir = DEMO_CACHE / "model"
+    task = TASKS["bio"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir))
+    device = torch.device(args.device)
+    model = model.eval().to(device)
+    sources = eval_sources(task, DEMO_CACHE / "data" / "eval.jsonl", args.demo_samples)
+    inputs = [tokenizer(text, max_length=task.length("max_source_length"), truncation=True,
+                        return_tensors="pt").input_ids.to(device) for text in sources]
+    return model, inputs, task.length("max_target_length")
 
 
 def demo_part(args):
@@ -221,7 +325,14 @@ def main():
     parser.add_argument("--draft_lengths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--demo_samples", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--do_sample", action="store_true", help="self-speculative sampling against the full "
+                        "model's sampling (module docstring)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0])
     args = parser.parse_args()
+    if args.do_sample:
+        saved = save_results("bench_speculation_sampling", {"args": vars(args), **sampling_part(args)})
+        print(f"\nsaved {saved}")
+        return
 
     results = random_model_part(args) if args.targets else []
     demo = demo_part(args) if (DEMO_CACHE / "model").is_dir() else []

@@ -265,3 +265,13 @@ def test_failing_generation_stops_the_run(monkeypatch, toy_model, tmp_path, good
         summarize(toy_model, good_file, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out" / "eval_results.json")
     assert not os.path.exists(tmp_path / "out" / "eval_predictions.jsonl")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--temperature", "0.5"), "--temperature only apply with --do_sample True"),
+    (("--do_sample", "True", "--top_p", "1.5"), "top_p=1.5 must be in"),
+    (("--deploy_scenario", "True", "--generation_num_beams", "2"), "does not support beam search"),
+])
+def test_sampling_arguments(toy_model, tmp_path, good_file, no_model_load, extra, message):
+    with pytest.raises(ValueError, match=message):
+        summarize(toy_model, good_file, str(tmp_path / "out"), *extra)

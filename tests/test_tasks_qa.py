@@ -187,3 +187,21 @@ def test_missing_question_column_is_named(tmp_path, toy_model, no_model_load):
 def test_summarization_arguments_are_rejected_by_qa(tmp_path, toy_model, squad_file, no_model_load):
     with pytest.raises(ValueError, match="--max_source_length is not used by question answering"):
         runner.run(QuestionAnswering(), _eval_args(toy_model, squad_file, str(tmp_path / "out")) + ["--max_source_length", "9"])
+
+
+def test_deploy_sampling_is_recorded_and_reproducible_from_its_seed(trained, squad_file, tmp_path):
+    model_dir, _ = trained
+
+    def run(name, seed):
+        return runner.run(QuestionAnswering(), [
+            "--model_name_or_path", model_dir, "--validation_file", squad_file, "--do_eval",
+            "--output_dir", str(tmp_path / name), "--max_eval_samples", "3", "--max_answer_length", "8",
+            "--deploy_scenario", "True", "--do_sample", "True", "--temperature", "2.0", "--top_k", "0",
+            "--seed", str(seed)])
+
+    first, again = run("a", 7), run("b", 7)
+    assert [r["prediction"] for r in _predictions(str(tmp_path / "a"))] == \
+        [r["prediction"] for r in _predictions(str(tmp_path / "b"))]
+    assert first["eval_do_sample"] is True and first["eval_temperature"] == 2.0 and first["eval_top_k"] == 0
+    assert first["eval_top_p"] == 1.0 and first["eval_seed"] == 7
+    assert again["eval_exact_match"] == first["eval_exact_match"]

@@ -1,4 +1,4 @@
-"""The greedy early-exit decode loop over a HuggingFace T5 model's own modules, for a batch.
+"""The early-exit decode loop over a HuggingFace T5 model's own modules, for a batch.
 
 We own the loop instead of patching `generate`: each token runs decoder blocks one at a time, so
 it can stop after any of them. Attention is computed here over preallocated key/value buffers
@@ -27,6 +27,9 @@ positions of all rows. A block no token reaches again (static exit) is never pro
 
 A block can also run several consecutive positions per row at once (causal among themselves,
 with their own relative position bias): FREE's synchronized parallel pass (models.shallow_deep).
+
+Decoding is greedy, or samples with a models.sampling.Sampler: each token is then drawn from its
+exit layer's full head (a reduced head only decides confidence), once per step for the batch.
 """
 
 import math
@@ -244,8 +247,9 @@ class BatchDecoder:
 
     def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int, scorer=None,
                  count_flops: bool = False, trace: bool = False, lazy_propagation: bool = True, step=None,
-                 first_policy: Optional[ExitPolicy] = None):
+                 first_policy: Optional[ExitPolicy] = None, sampler=None):
         self.model = model
+        self.sampler = sampler  # models.sampling.Sampler, or None: greedy
         self.arch = arch = describe(model)
         self.policy = policy
         self.first_policy = first_policy or policy  # decoder-only: the token read from the prefill
@@ -386,8 +390,19 @@ class BatchDecoder:
         self.timer.add("propagation", mark)
 
     def output_head(self, hidden: torch.Tensor, rows: List[int]) -> torch.Tensor:
-        """The full head predicting tokens for live rows `rows` (one per row of hidden (R, d))."""
-        return output_tokens(self.model, hidden, self.counters(rows))
+        """The full head predicting tokens for live rows `rows` (one per row of hidden (R, d)):
+        its argmax, or under sampling a draw from its processed distribution."""
+        if self.sampler is None:
+            return output_tokens(self.model, hidden, self.counters(rows))
+        return torch.tensor(self.sample(output_logits(self.model, hidden), rows))
+
+    def sample(self, logits: torch.Tensor, rows: List[int]) -> List[int]:
+        """One token per row of logits (R, V) for live rows `rows`, the head counted with the
+        blocks (the full model's own last step; at a shallow exit, the work sampling adds)."""
+        if self.count_flops:
+            for r in rows:
+                self.live[r].result.flops.blocks += output_head_flops(self.shape)
+        return self.sampler.sample(logits, [self.live[r].row for r in rows])
 
     # ----- the loop ------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: Optional[int],
@@ -545,7 +560,7 @@ def exit_step(decoder: BatchDecoder, layer=None, policy: Optional[ExitPolicy] = 
         if leaving:
             leaving_index = torch.tensor(leaving, dtype=torch.long, device=decoder.device)
             exiting = hidden.index_select(0, leaving_index)
-            if scorer.exits_read_output_head:
+            if scorer.exits_read_output_head or decoder.sampler is not None:  # sampling: the full head
                 for_head.append(([rows.local[i] for i in leaving], exiting[:, 0], j + 1, None))
             else:
                 tokens, jsd = scorer.predict(j + 1, hidden, leaving).tolist(), scorer.jsd_step
@@ -567,6 +582,8 @@ def exit_step(decoder: BatchDecoder, layer=None, policy: Optional[ExitPolicy] = 
         jsd = scorer.jsd_step if scorer is not None else None
         if tracer is not None:
             tokens = tracer.finish(would_exit, policy.last_layer)
+            if decoder.sampler is not None:  # drawn from the last layer's distribution
+                tokens = decoder.sampler.sample(tracer.logits[-1], [live[r].row for r in rows.local])
             for i, (r, token) in enumerate(zip(rows.local, tokens)):
                 outcomes[r] = Emit(token, policy.num_layers, jsd[i] if jsd is not None else None)
         else:

@@ -1,4 +1,4 @@
-"""T5 for deployment: HF's T5ForConditionalGeneration with an early-exit greedy `generate`.
+"""T5 for deployment: HF's T5ForConditionalGeneration with an early-exit `generate` (greedy or sampling).
 
     from models.deploying_t5 import DeployT5ForConditionalGeneration
     from util.additional_args import AdditionalArguments, update_autoconfig
@@ -26,6 +26,7 @@ from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from models.flops import Shape, encoder_flops
 from models.layer_scorer import LayerScorer
 from models.results import TIMED_COMPONENTS, merge_rows
+from models.sampling import Sampler, SamplingConfig
 from models.self_speculation import SelfSpeculativeStep, speculation_rates
 from models.shallow_deep import ShallowDeepStep
 from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
@@ -76,10 +77,13 @@ class EarlyExitGenerationMixin:
 
     @torch.inference_mode()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None,
-                 do_sample=False, num_beams=1, lazy_propagation=True, exit_args: Optional[AdditionalArguments] = None,
-                 **unsupported):
-        """Greedy decoding with the exit policy; returns ids (B, longest + 1) as HF's generate does,
-        shorter rows padded after their end.
+                 do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
+                 generator: Optional[torch.Generator] = None, lazy_propagation=True,
+                 exit_args: Optional[AdditionalArguments] = None, **unsupported):
+        """Greedy decoding with the exit policy, or with `do_sample` sampling (HF's temperature,
+        top_k, top_p: the call's, else the generation_config's, else HF's defaults 1.0, 50, 1.0;
+        draws from `generator`, or torch's global one as HF does); returns ids (B, longest + 1)
+        as HF's generate does, shorter rows padded after their end.
 
         The rows of a batch decode together, each exactly as it would alone (its tokens, exit
         layers, block counts, FLOPs and traces). `exit_args` decodes this call with those flags
@@ -88,9 +92,17 @@ class EarlyExitGenerationMixin:
         that claim).
         """
         if unsupported:
-            raise ValueError(f"generate() does greedy decoding only; unsupported arguments: {sorted(unsupported)}.")
-        if do_sample or num_beams != 1:
-            raise ValueError("generate() does greedy decoding only: do_sample must be False and num_beams 1.")
+            raise ValueError(f"generate() does greedy decoding or sampling; unsupported arguments: {sorted(unsupported)}.")
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams!r}: beam search is not supported (early exit decides per token, "
+                             "a beam search per hypothesis); num_beams must be 1.")
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample={do_sample!r} must be True or False.")
+        given = [name for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                          ("generator", generator)) if value is not None]
+        if given and not do_sample:
+            raise ValueError(f"{', '.join(given)} only apply with do_sample=True (greedy decoding would ignore them).")
+        sampling = SamplingConfig.resolve(self.generation_config, temperature, top_k, top_p) if do_sample else None
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError("input_ids must be a non-empty (batch, length) tensor.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -102,6 +114,9 @@ class EarlyExitGenerationMixin:
         if not arch.encoder_decoder and attention_mask is not None:
             check_left_padded(attention_mask)
         args = self.exit_args(exit_args)
+        if do_sample and args.emit_contrastive_token:
+            raise ValueError("emit_contrastive_token emits the contrastive argmax, which has no distribution to sample "
+                             "from: not supported with do_sample=True.")
         steps = self._max_new_tokens(max_new_tokens, max_length, input_ids.shape[1])
         start, pad, eos_ids = self._special_tokens()
         if self.training:
@@ -119,7 +134,8 @@ class EarlyExitGenerationMixin:
         scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
         free = args.use_shallow_deep and uses_parallel_decoding(args) and not trace
         if free and args.use_self_speculation:
-            step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids)
+            step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids,
+                                       sampling=do_sample)
         elif free:
             step = self._shallow_deep_step(args)
         else:
@@ -131,7 +147,8 @@ class EarlyExitGenerationMixin:
         else:
             first_policy = policy
         decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
-                               lazy_propagation=lazy_propagation, step=step, first_policy=first_policy)
+                               lazy_propagation=lazy_propagation, step=step, first_policy=first_policy,
+                               sampler=Sampler(sampling, input_ids.shape[0], generator) if do_sample else None)
         rows = decoder.run(input_ids, attention_mask, start, eos_ids)
         if free and args.use_adapt_threshold:  # refit as if the rows had come one after another
             for row in rows:

@@ -16,13 +16,22 @@ same step (a final verification): decoding never ends on an unverified token.
 
 Rows of a batch draft and verify on their own schedules; the rows verifying in a step share one
 deep pass (models.shallow_deep.deep_pass), each over its own positions.
+
+Self-speculative sampling (`sampling`): the confident shallow position drafts x ~ q, layer k's
+full head after the sampler's processing (its q kept until verified); the deep pass gives the
+full model's processed p at every drafted position; drafts are accepted in order with
+probability min(1, p(x) / q(x)), the first rejected one replaced by a draw from
+norm(max(0, p - q)), and after all accepted one more token is drawn from p (Leviathan et al.
+2023, models.sampling.speculative_accept). Each token is thus distributed as the full model's.
 """
 
 from typing import List
 
 import torch
 
-from models.decode_loop import BatchDecoder, Emit, Replace
+from models.decode_loop import BatchDecoder, Emit, Replace, output_logits
+from models.flops import output_head_flops
+from models.sampling import speculative_accept
 from models.shallow_deep import deep_pass, shallow_pass
 
 COUNTS = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
@@ -68,10 +77,12 @@ class SelfSpeculativeStep:
 
     counted = COUNTS
 
-    def __init__(self, threshold: float, max_draft_tokens: int, eos_ids: set):
+    def __init__(self, threshold: float, max_draft_tokens: int, eos_ids: set, sampling: bool = False):
         self.threshold = threshold
         self.max_draft_tokens = max_draft_tokens
         self.eos_ids = eos_ids  # a drafted end-of-sequence token must be verified before it ends
+        self.sampling = sampling
+        self.drafts_q = {}  # sampling: caller's row -> {position: q (V,) its draft was drawn from}
 
     def __call__(self, decoder: BatchDecoder) -> list:
         scorer, timer = decoder.scorer, decoder.timer
@@ -89,9 +100,11 @@ class SelfSpeculativeStep:
             checked, before = hidden.index_select(0, index), previous.index_select(0, index)
             confident = [c > self.threshold for c in scorer.confidence(k, checked, before)]
             which = [n for n, yes in enumerate(confident) if yes]
-            if which:
+            if which and not self.sampling:
                 drafts = scorer.predict(k, checked, which).tolist()
                 drafting = [(checking[n], token) for n, token in zip(which, drafts)]
+            elif which:
+                drafting = self._draft(decoder, checked, [checking[n] for n in which], which, positions)
         mark = timer.add("confidence", mark)
 
         outcomes = [None] * len(live)
@@ -108,10 +121,26 @@ class SelfSpeculativeStep:
         timer.add("head", mark)
         return outcomes
 
+    def _draft(self, decoder, checked: torch.Tensor, rows: List[int], which: List[int], positions: List[int]):
+        """Sampling: draw the drafts of live rows `rows` (their states at positions `which` of
+        checked) from layer k's processed full head, keeping each q for the verification."""
+        states = checked.index_select(0, torch.tensor(which, device=decoder.device))[:, 0]
+        logits = output_logits(decoder.model, states)
+        if decoder.count_flops:
+            for i in rows:
+                decoder.live[i].result.flops.blocks += output_head_flops(decoder.shape)
+        q = decoder.sampler.probs(logits)
+        tokens = decoder.sampler.draw(q, [decoder.live[i].row for i in rows])
+        for n, i in enumerate(rows):
+            self.drafts_q.setdefault(decoder.live[i].row, {})[positions[i]] = q[n]
+        return list(zip(rows, tokens))
+
     def _verify(self, decoder, rows: List[int], final: dict, positions: List[int], outcomes: list, k: int, L: int):
         """One deep pass over each row's pending drafts plus its current position; keep what the
         full model agrees with, put its token after."""
         starts, lengths, logits = deep_pass(decoder, rows, positions, all_positions=True)
+        if self.sampling:
+            return self._verify_sampled(decoder, rows, final, starts, lengths, logits, outcomes, k, L)
         predictions = logits.argmax(-1).tolist()  # (R, n): the full model's token after each position
         for d, (i, start, n) in enumerate(zip(rows, starts, lengths)):
             state, draft = decoder.live[i], final[i]
@@ -126,3 +155,29 @@ class SelfSpeculativeStep:
                 outcomes[i] = Emit(draft, k)  # the final draft is the full model's token too
             else:  # the first rejected draft (or the current position) gets the full model's token
                 outcomes[i] = Replace(start + 1 + accepted, [full[accepted]], [L])
+
+    def _verify_sampled(self, decoder, rows, final, starts, lengths, logits, outcomes, k: int, L: int):
+        """Speculative sampling's verification: accept drafts by min(1, p/q), then one token from
+        the residual (at a rejection) or from p (after the drafts); one draw for all rows."""
+        sampler = decoder.sampler
+        pending = []  # (live row, kept, distribution of the token after the kept ones)
+        for d, (i, start, n) in enumerate(zip(rows, starts, lengths)):
+            state, draft = decoder.live[i], final[i]
+            drafted = state.result.tokens[start + 1 :] + ([draft] if draft is not None else [])
+            p = sampler.probs(logits[d, :n])
+            q_of = self.drafts_q.pop(state.row, {})
+            q = torch.stack([q_of[start + j] for j in range(len(drafted))]) if drafted else None
+            accepted, residual = speculative_accept(p, q, drafted, sampler.uniform(len(drafted), p.device))
+            counts = state.result.counts
+            counts["accepted_tokens"] += accepted
+            counts["verify_passes"] += 1
+            counts["final_verifications"] += int(draft is not None)
+            if accepted == len(drafted) and draft is not None:
+                outcomes[i] = Emit(draft, k)  # the final draft stands: the sequence ends on it
+            else:  # a rejection's residual, or the full model's p after the accepted drafts
+                pending.append((i, start + 1 + accepted, residual if residual is not None else p[accepted]))
+        if pending:
+            tokens = sampler.draw(torch.stack([dist for _, _, dist in pending]),
+                                  [decoder.live[i].row for i, _, _ in pending])
+            for (i, kept, _), token in zip(pending, tokens):
+                outcomes[i] = Replace(kept, [token], [L])

@@ -10,6 +10,13 @@ positions are checked against the tokens the shallow path emitted: at the first 
 cross-entropy passes the threshold, the token is replaced by the deep prediction and everything
 after it is discarded (returned as a `Replace`, applied by the loop).
 
+Under sampling the same schedule holds with every argmax replaced by a draw: a shallow token is
+drawn from layer k's processed distribution, a deep token (and a rollback's replacement) from
+layer L's at its position; the exit and rollback tests read the unprocessed distributions as in
+greedy mode (rollback when -log p_L(x) of an emitted shallow token passes the threshold), and
+the adaptive threshold's labels stay argmax agreement. The output is then not the full model's
+distribution: a token emitted at layer k and not rolled back comes from layer k's.
+
 With `copy_skipped_hidden_states` (or without `parallel_gen_token`) the skipped tokens' deep
 keys/values come from their copied layer-k state instead: that is the loop's `exit_step` with
 the policy checking layer k only.
@@ -48,7 +55,12 @@ class ShallowDeepStep:
         deep = [i for i, c in enumerate(confidences) if not c > self.threshold]
         outcomes = [None] * len(live)
         if leaving:
-            for i, token in zip(leaving, scorer.predict(k, hidden, leaving).tolist()):
+            if decoder.sampler is None:
+                tokens = scorer.predict(k, hidden, leaving).tolist()
+            else:  # drawn from layer k's full head (a reduced head only decided the exit)
+                exiting = hidden.index_select(0, torch.tensor(leaving, device=decoder.device))[:, 0]
+                tokens = decoder.sample(output_logits(decoder.model, exiting), leaving)
+            for i, token in zip(leaving, tokens):
                 outcomes[i] = Emit(token, k, jsd[i])
                 live[i].shallow_confidence[positions[i]] = confidences[i]
         shallow = scorer.predict(k, hidden, deep).tolist() if self.observing and deep else None
@@ -60,24 +72,27 @@ class ShallowDeepStep:
         starts, lengths, logits = deep_pass(decoder, deep, positions, all_positions=checks_skipped,
                                             causal=self.causal)
         last = logits[torch.arange(len(deep)), torch.tensor(lengths) - 1] if checks_skipped else logits
-        predictions = last.argmax(-1).tolist()
+        predictions = last.argmax(-1).tolist()  # the adaptive threshold's labels: argmax agreement
+        emitted = predictions if decoder.sampler is None else decoder.sampler.sample(last, [live[i].row for i in deep])
         mark = timer.add("blocks", mark)
         for d, (i, start, n) in enumerate(zip(deep, starts, lengths)):
             state = live[i]
             state.result.counts["parallel_tokens"] += n - 1
-            outcomes[i] = Emit(predictions[d], L, jsd[i])
+            outcomes[i] = Emit(emitted[d], L, jsd[i])
             if self.observing:
                 state.result.observations.append((confidences[i], shallow[d] == predictions[d]))
             if checks_skipped and n > 1:
-                rollback = self._check_skipped(state, logits[d, : n - 1], start, L)
+                rollback = self._check_skipped(state, logits[d, : n - 1], start, L, decoder.sampler)
                 if rollback is not None:
                     outcomes[i] = rollback
                     state.result.counts["rollbacks"] += 1
         timer.add("head", mark)
         return outcomes
 
-    def _check_skipped(self, state, deep_logits: torch.Tensor, start: int, L: int) -> Optional[Replace]:
-        """Label the skipped tokens for the estimator; roll back at the first rejected one."""
+    def _check_skipped(self, state, deep_logits: torch.Tensor, start: int, L: int, sampler=None) -> Optional[Replace]:
+        """Label the skipped tokens for the estimator; roll back at the first rejected one (the
+        rejection is on the unprocessed deep distribution; under sampling the replacement is
+        drawn from the processed one)."""
         emitted = torch.tensor(state.result.tokens[start + 1 : start + 1 + deep_logits.shape[0]], device=deep_logits.device)
         if self.observing:
             agrees = (deep_logits.argmax(-1) == emitted).tolist()
@@ -91,7 +106,11 @@ class ShallowDeepStep:
             return None
         offset = int(rejected[0, 0])
         # keep tokens up to the rejected one's input position, then the deep prediction
-        return Replace(start + offset + 1, [int(deep_logits[offset].argmax())], [L])
+        if sampler is None:
+            token = int(deep_logits[offset].argmax())
+        else:
+            token = sampler.sample(deep_logits[offset : offset + 1], [state.row])[0]
+        return Replace(start + offset + 1, [token], [L])
 
 
 def shallow_pass(decoder: BatchDecoder):

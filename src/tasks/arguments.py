@@ -60,6 +60,15 @@ class DataTrainingArguments:
     max_source_length: Optional[int] = _arg(None, "Maximum input length in tokens (default: 1024).")
     max_target_length: Optional[int] = _arg(None, "Maximum training target length in tokens (default: 128).")
     val_max_target_length: Optional[int] = _arg(None, "Maximum generated length at evaluation (default: max_target_length).")
+    # decoding (HF's generation argument names; --seed, HF's, seeds the draws)
+    do_sample: bool = _arg(False, "Sample at evaluation instead of greedy decoding (every exit method; with "
+                           "self-speculation the full model's distribution is kept). Draws are seeded by --seed.")
+    temperature: Optional[float] = _arg(None, "With --do_sample: softmax temperature (default: the model's "
+                                        "generation_config, else 1.0).")
+    top_k: Optional[int] = _arg(None, "With --do_sample: keep the k most likely tokens, 0 for all (default: the "
+                                "model's generation_config, else 50).")
+    top_p: Optional[float] = _arg(None, "With --do_sample: nucleus sampling mass (default: the model's "
+                                  "generation_config, else 1.0).")
 
 
 EVAL_BATCH_FLAG = "per_device_eval_batch_size"

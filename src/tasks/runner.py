@@ -36,6 +36,7 @@ from models.deploying_t5 import DeployT5ForConditionalGeneration
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
+from models.sampling import SamplingConfig
 from models.self_speculation import COUNTS as SPECULATION_COUNTS, speculation_rates
 from tasks import distributed
 from tasks.arguments import parse_arguments
@@ -102,10 +103,30 @@ def check_model_type(model_type: str, arg: str, source: str) -> None:
 
 
 # ----- checks ----------------------------------------------------------------------------------
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p")  # generate()'s names, with --do_sample
+
+
+def check_sampling_arguments(data_args) -> None:
+    """--temperature, --top_k and --top_p only apply with --do_sample; their values are HF's."""
+    given = [f"--{name}" for name in SAMPLING_FLAGS if getattr(data_args, name) is not None]
+    if given and not data_args.do_sample:
+        raise ValueError(f"{', '.join(given)} only apply with --do_sample True (greedy decoding would ignore them).")
+    if data_args.do_sample:
+        SamplingConfig.resolve(None, *(getattr(data_args, name) for name in SAMPLING_FLAGS))
+
+
+def sampling_options(data_args) -> dict:
+    """generate()'s sampling arguments, and the values decoding uses (recorded in the results)."""
+    if not data_args.do_sample:
+        return {}
+    return {"do_sample": True, **{name: getattr(data_args, name) for name in SAMPLING_FLAGS}}
+
+
 def check_run_arguments(training_args, additional_args, alone: bool = False) -> None:
     beams = training_args.generation_num_beams
     if additional_args.deploy_scenario and beams not in (None, 1):
-        raise ValueError(f"--deploy_scenario decodes greedily: --generation_num_beams={beams} must be 1.")
+        raise ValueError(f"--generation_num_beams={beams}: --deploy_scenario does not support beam search (early exit "
+                         "decides per token, a beam search per hypothesis); it must be 1.")
     if not additional_args.deploy_scenario:
         for flag in DECODING_FLAGS:
             if getattr(additional_args, flag) not in (None, False):
@@ -319,7 +340,7 @@ def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
 def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
                          num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
                          show_progress: bool = True, exit_args=None, desc: str = "Generating", position: int = 0,
-                         by_length: bool = False):
+                         by_length: bool = False, sampling: Optional[dict] = None):
     """(texts, generated lengths, exit layers per sample or None) for every source, in order.
 
     With `stats`, each call's exit_stats are collected (the deploy model, decoding with the flags
@@ -327,9 +348,11 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
     `by_length`: batches are formed from sources of similar length, longest first (less padding,
     and rows that tend to end together: a batch steps until its longest row ends); every result
     still comes back in the sources' order. A failing generate call stops the run: a missing
-    prediction is never scored as an answer.
+    prediction is never scored as an answer. `sampling`: generate's do_sample, temperature, top_k
+    and top_p (draws from torch's global generator, seeded by the caller).
     """
     options = {} if exit_args is None else {"exit_args": exit_args}
+    options.update(sampling or {"do_sample": False})
     count = len(sources)
     texts, lengths, exits = [None] * count, [None] * count, [None] * count
     encoded = tokenizer(sources, max_length=source_length, truncation=True)["input_ids"]  # once, padded per batch
@@ -342,7 +365,7 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **options)
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
         if stats is not None:
             call = model.exit_stats()
             stats.add(call, indices)
@@ -378,6 +401,9 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     sources = [task.source_text(r, data_args) for r in rows]
     if deploy and stats is None:
         stats = ExitStatsTotals()
+    sampling = sampling_options(data_args)
+    if sampling:  # the draws follow from --seed (each process its own stream): a run is reproducible
+        set_seed(training_args.seed + distributed.process_index(training_args, alone))
     distributed.barrier(training_args, alone)  # several processes start decoding together: runtime is the slowest's
     began = time.perf_counter()
     # under torchrun / accelerate launch each process decodes a shard; all get every result, in order
@@ -395,12 +421,18 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
         exit_args=additional_args if deploy else None,
         processes=distributed.num_processes(training_args, alone),
         rank=distributed.process_index(training_args, alone),
+        sampling=sampling,
     )
     runtime = time.perf_counter() - began
 
     references = [task.references(r, data_args) for r in rows] if with_references else None
     metrics = task.compute_metrics(texts, references) if with_references else {}
     metrics["gen_len"] = sum(lengths) / len(lengths)
+    metrics["do_sample"] = bool(sampling)
+    if sampling:
+        resolved = SamplingConfig.resolve(model.generation_config, *(sampling[name] for name in SAMPLING_FLAGS))
+        metrics.update(temperature=resolved.temperature, top_k=resolved.top_k, top_p=resolved.top_p,
+                       seed=training_args.seed)
     metrics["samples"] = len(rows)
     metrics["runtime"] = runtime
     metrics["samples_per_second"] = len(rows) / runtime
@@ -466,6 +498,7 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
     model_args, data_args, training_args, additional_args = parse_arguments(argv)
     task.resolve_arguments(data_args)
     check_run_arguments(training_args, additional_args, alone)
+    check_sampling_arguments(data_args)
     splits = wanted_splits(training_args)
     check_data_arguments(data_args, splits)
     new_token_budget(task, data_args, training_args)  # a length that leaves nothing to generate fails here
