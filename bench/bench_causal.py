@@ -230,8 +230,8 @@ def main():
     parser.add_argument("--checks-shape", default="llama-1b")
     parser.add_argument("--shallow-layer", dest="shallow_layer", type=int, default=None, help="default L/4")
     parser.add_argument("--draft", type=int, default=4, help="max_draft_tokens of our self-speculation")
-    parser.add_argument("--scale-80", dest="scale_80", type=float, default=0.3)
-    parser.add_argument("--scale-50", dest="scale_50", type=float, default=0.6)
+    parser.add_argument("--scale-80", dest="scale_80", type=float, default=0.02)
+    parser.add_argument("--scale-50", dest="scale_50", type=float, default=0.04)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
