@@ -1,12 +1,18 @@
-"""The early-exit decode loop over a HuggingFace T5 model's own modules, for a batch.
+"""The early-exit decode loop over a HuggingFace model's own modules, for a batch.
 
 We own the loop instead of patching `generate`: each token runs decoder blocks one at a time, so
-it can stop after any of them. Attention is computed here over preallocated key/value buffers
-(models.kv_cache) with the same kernel (SDPA, scale 1, relative position bias as additive mask)
-that T5 uses in transformers 5.x; layer norms, projections and feed-forward sublayers use its
-weights through models.projection (the same products and norms, computed in the way that is fast
-for a few rows on CPU). With no exit the loop therefore reproduces HF's greedy `generate` token
-for token.
+it can stop after any of them. One loop serves the T5 family (encoder-decoder) and decoder-only
+LLMs (Llama, Mistral, Qwen2, Qwen3, Gemma 3, GPT-2): what differs (norms, how positions enter
+attention, grouped-query heads, q/k norms, sliding windows, cross-attention or none, the
+feed-forward) is read from a small description of the block, models.architectures. Attention is
+computed here over preallocated key/value buffers (models.kv_cache) with SDPA, as the models do
+in transformers 5.x; norms, projections and feed-forward sublayers use the model's own weights
+through models.projection (the same products, computed in the way measured fastest for the rows
+at hand). With no exit the loop therefore reproduces HF's greedy `generate` token for token.
+
+A decoder-only model's prompt is prefilled at full depth, all positions at once, into the first
+cache slots (left padding masked); the first new token is decided by the exit rule over the
+prefill's states at the prompt's last position (`first_token`), every later token by the step.
 
 A batch decodes together, each row as if alone: its own position (FREE's rollback moves one row
 back while the others go on), its own relative position bias slice and key/value fill state per
