@@ -202,7 +202,7 @@ def text_records(model, ids: torch.Tensor, alpha: float) -> dict:
         if len(candidates):
             jsd = restricted_jsd(final[t, heads[t]], torch.stack(amateurs[t]))
             rec["jsd"][t, 1:num_layers - 1] = discounted_jsd(jsd, candidates, num_layers).numpy()
-    rec["tokens"] = ids[0].tolist()
+    rec["predictions"] = prediction.tolist()  # what the model would write after each position
     return rec
 
 
@@ -344,19 +344,20 @@ def pooled(records: List[dict], key: str) -> np.ndarray:
 def layer_trace(records: List[dict], tokenizer) -> LayerTrace:
     ranks = pooled(records, "ranks")
     num_layers = ranks.shape[1]
-    tokens = [tokenizer.decode([i]) for r in records for i in r["tokens"]]
+    tokens = [tokenizer.decode([i]) for r in records for i in r["predictions"]]
     return LayerTrace(ranks=ranks.astype(int).tolist(), confidences=pooled(records, "confidences").tolist(),
                       max_probs=pooled(records, "max_probs").tolist(), agrees=pooled(records, "agrees").astype(bool).tolist(),
                       exit_layers=[num_layers] * len(ranks), num_layers=num_layers, tokens=tokens)
 
 
 def jsd_trace(record: dict, tokenizer) -> JsdTrace:
+    """One text's JSD records, labelled by the final layer's prediction at each position."""
     num_layers = record["jsd"].shape[1]
     steps = []
     for row in record["jsd"]:
         jsd = {layer: row[layer - 1] for layer in range(2, num_layers)}
         steps.append(JsdStep(jsd=jsd, chosen=max(jsd, key=jsd.get), expert_layer=num_layers))
-    return JsdTrace(steps=steps, tokens=[tokenizer.decode([i]) for i in record["tokens"]])
+    return JsdTrace(steps=steps, tokens=[tokenizer.decode([i]) for i in record["predictions"]])
 
 
 def corpus_summary(records: List[dict], tokenizer) -> dict:
