@@ -146,9 +146,10 @@ def converted_folder(gguf_path, cache_root: Optional[Path] = None, folder: Optio
         source = {"gguf_file": str(gguf_path.resolve()), "size": gguf_path.stat().st_size,
                   "conversion_seconds": round(seconds, 1)}
         (partial / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
-        if folder.exists():  # an incomplete folder left by an older interrupted run
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+        if not is_converted(folder):  # else another process (torchrun) finished first: keep its folder
+            if folder.exists():  # an incomplete folder left by an older interrupted run
+                shutil.rmtree(folder)
+            os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     log(f"converted in {seconds:.0f} s: {folder}")
