@@ -26,6 +26,9 @@ class ModelArguments:
     tokenizer_name: Optional[str] = _arg(None, "Tokenizer directory or Hub name, if not the model's.")
     cache_dir: Optional[str] = _arg(None, "Where downloads from the Hub are cached.")
     model_revision: str = _arg("main", "Model revision on the Hub (branch, tag or commit).")
+    gguf_file: Optional[str] = _arg(None, "GGUF file in --model_name_or_path (as HF's gguf_file; or a path of its own): "
+                                    "converted once to an HF folder under cache/gguf/, which is loaded instead. "
+                                    "Needs: pip install -r requirements-gemma.txt")
 
 
 @dataclass

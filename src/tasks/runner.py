@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,6 +33,7 @@ from models.modeling_causal import TRAIN_CLASSES as CAUSAL_TRAIN_CLASSES
 from models.deploying_longt5 import DeployLongT5ForConditionalGeneration
 from models.deploying_mt5 import DeployMT5ForConditionalGeneration
 from models.deploying_t5 import DeployT5ForConditionalGeneration
+from models.gguf_cache import check_gguf_file, gguf_path, resolve_model_path
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
@@ -499,6 +500,8 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
     task.resolve_arguments(data_args)
     check_run_arguments(training_args, additional_args, alone)
     check_sampling_arguments(data_args)
+    if model_args.gguf_file:
+        check_gguf_file(gguf_path(model_args.model_name_or_path, model_args.gguf_file))
     splits = wanted_splits(training_args)
     check_data_arguments(data_args, splits)
     new_token_budget(task, data_args, training_args)  # a length that leaves nothing to generate fails here
@@ -509,6 +512,9 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
     if additional_args.plotting_logits or additional_args.render_jsds:
         check_plots_dirs(output_dir, [SPLIT_PREFIX[s] for s in splits if s != "train"],
                          data_args.overwrite_output_dir or not main_process)
+    if model_args.gguf_file:  # every later step loads its converted HF folder (converted once, cached)
+        model_args = replace(model_args, model_name_or_path=resolve_model_path(model_args.model_name_or_path,
+                                                                               model_args.gguf_file))
     tokenizer = load_tokenizer(model_args)
     config = load_config(model_args, tokenizer, additional_args)
     raw = load_raw_splits(data_args, splits, model_args.cache_dir)
