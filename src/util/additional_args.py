@@ -78,7 +78,7 @@ class AdditionalArguments:
     rollback_conf_threshold: Optional[float] = _flag(None, "Cross-entropy above which a shallow token is replaced by the deep one.")
     parallel_causal_mask: bool = _flag(True, "Use a causal mask in the parallel deep pass.")
     use_adapt_threshold: bool = _flag(False, "Estimate the shallow threshold on the fly with a Beta mixture.")
-    adapt_threshold_level: float = _flag(0.9, "zeta: posterior of 'shallow agrees with deep' that the adaptive threshold must reach, in (0, 1).")
+    adapt_threshold_level: float = _flag(0.4, "zeta: a grid point passes when the likelihood ratio of the shallow-agrees component is above it, in (0, 1) (FREE: 0.4).")
     adapt_threshold_samples: int = _flag(300, "The adaptive threshold is refitted after each of this many first samples.")
     use_self_speculation: bool = _flag(False, "Verify the shallow layer's tokens with one deep pass: output identical to the full model.")
     max_draft_tokens: int = _flag(2, "Self-speculation: a verification pass is forced after this many drafted tokens (>= 1).")
