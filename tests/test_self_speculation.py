@@ -280,3 +280,32 @@ def test_bad_flags_raise_errors_naming_them(flags, names):
     for name in names:
         with pytest.raises(ValueError, match=name):
             set_flags(model, **flags)
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("models.self_speculation", speculation_flags(2, 0.0, 3)),
+    ("models.shallow_deep", dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax",
+                                 shallow2deep_conf_threshold=1.0)),
+])
+def test_the_deep_pass_is_charged_to_the_blocks_by_both_steps(copy_case, monkeypatch, module, flags):
+    """Self-speculation's verification pass and FREE's parallel pass are the same blocks: a
+    deep pass slowed down by 50 ms shows up in time_blocks, not in time_head."""
+    import importlib
+    import time
+
+    target = importlib.import_module(module)
+    original, delay, calls = target.deep_pass, 0.05, []
+
+    def slow_deep_pass(*args, **kwargs):
+        calls.append(1)
+        time.sleep(delay)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, "deep_pass", slow_deep_pass)
+    model, inputs, _ = copy_case
+    set_flags(model, **flags)
+    model.generate(input_ids=inputs[0], max_new_tokens=MAX_NEW)
+    stats = model.exit_stats()
+    assert calls, "no deep pass ran: the check would be weak"
+    assert stats["time_blocks"] >= delay * len(calls)
+    assert stats["time_head"] < delay

@@ -23,9 +23,8 @@ from typing import List
 import torch
 
 from models.decode_loop import BatchDecoder, Emit, Replace
+from models.results import METHOD_COUNTS
 from models.shallow_deep import deep_pass, shallow_pass
-
-COUNTS = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
 
 
 # ----- draft / verify / accept --------------------------------------------------------------------
@@ -66,7 +65,7 @@ def iid_blocks_per_token(num_layers: int, token_acceptance: float, draft_length:
 class SelfSpeculativeStep:
     """One step for every live row: a draft at layer k, or a verification pass."""
 
-    counted = COUNTS
+    counted = METHOD_COUNTS["self_speculation"]
 
     def __init__(self, threshold: float, max_draft_tokens: int, eos_ids: set):
         self.threshold = threshold
@@ -104,15 +103,19 @@ class SelfSpeculativeStep:
                 outcomes[i] = Emit(token, k)
                 del verifying[i]
         if verifying:
-            self._verify(decoder, list(verifying), verifying, positions, outcomes, k, L)
+            # one deep pass over each row's pending drafts plus its current position; charged to
+            # the blocks, as FREE's step charges the same pass
+            rows = list(verifying)
+            starts, lengths, logits = deep_pass(decoder, rows, positions, all_positions=True)
+            predictions = logits.argmax(-1).tolist()  # (R, n): the full model's token after each position
+            mark = timer.add("blocks", mark)
+            self._accept(decoder, rows, verifying, starts, lengths, predictions, outcomes, k, L)
         timer.add("head", mark)
         return outcomes
 
-    def _verify(self, decoder, rows: List[int], final: dict, positions: List[int], outcomes: list, k: int, L: int):
-        """One deep pass over each row's pending drafts plus its current position; keep what the
-        full model agrees with, put its token after."""
-        starts, lengths, logits = deep_pass(decoder, rows, positions, all_positions=True)
-        predictions = logits.argmax(-1).tolist()  # (R, n): the full model's token after each position
+    def _accept(self, decoder, rows: List[int], final: dict, starts: List[int], lengths: List[int],
+                predictions: List[List[int]], outcomes: list, k: int, L: int):
+        """Keep each row's drafts the full model agrees with, put its token after."""
         for d, (i, start, n) in enumerate(zip(rows, starts, lengths)):
             state, draft = decoder.live[i], final[i]
             drafted = state.result.tokens[start + 1 :] + ([draft] if draft is not None else [])

@@ -34,7 +34,8 @@ from models.deploying_t5 import DeployT5ForConditionalGeneration
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
-from models.self_speculation import COUNTS as SPECULATION_COUNTS, speculation_rates
+from models.results import SUMMED_COUNTS
+from models.self_speculation import speculation_rates
 from tasks import distributed
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_PROBE = "The river flows past the mill."
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-SUMMED_COUNTS = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks") + SPECULATION_COUNTS
 # flags that change how tokens are decoded: only the deploy decoder honours them
 DECODING_FLAGS = ("static_exit_layer", "use_early_exit", "use_shallow_deep", "type_vocab_reduct", "count_flops")
 # traces only the deploy decoder records
