@@ -12,7 +12,8 @@
    reuses it).
 3. Quality: evaluates it through the same task script in the deploy scenario under each row of
    the table (DEMO_ROWS, methods of util/methods.py, and a static exit at every layer), with FLOPs
-   counted, decoding `--eval_batch_size` rows at once (results identical to batch 1).
+   counted, decoding `--eval_batch_size` rows at once (the same tokens and exit layers as batch 1,
+   up to summation order).
 4. Speed: tokens/s of every row at batch 1 on the first `--timing_samples` evaluation rows, the
    rows interleaved in `--timing_rounds` rounds, the median round kept.
 5. Prints the table, the issue's targets and a per-token view of the exit layers; writes

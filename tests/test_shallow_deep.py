@@ -310,3 +310,24 @@ def test_block_avg_free_counts_shallow_tokens_k_and_deep_tokens_l_while_decoding
     free = (SHALLOW * stats["shallow_tokens"] + L * stats["deep_tokens"]) / stats["tokens"]
     assert stats["block_avg_free"] == pytest.approx(free)
     assert stats["block_avg"] > stats["block_avg_free"]  # FREE leaves the recomputed positions out
+
+
+@pytest.mark.parametrize("change", [dict(adapt_threshold_level=0.7), dict(adapt_threshold_samples=7),
+                                    dict(shallow2deep_conf_threshold=0.6), dict(shallow_exit_layer=2),
+                                    dict(shallow2deep_conf_type="state")])
+def test_a_call_with_other_adaptive_settings_starts_a_fresh_estimator(copy_model, change):
+    copy_model.threshold_estimator = None
+    flags = free_flags(0.5, use_adapt_threshold=True)
+    inputs = copy_inputs(9, count=3)
+    for input_ids in inputs[:2]:
+        decode(copy_model, input_ids, **flags)
+    first = copy_model.threshold_estimator
+    assert first.samples_seen == 2
+    decode(copy_model, inputs[2], **flags)  # the same settings: the same estimator goes on
+    assert copy_model.threshold_estimator is first and first.samples_seen == 3
+    decode(copy_model, inputs[2], **dict(flags, **change))
+    fresh = copy_model.threshold_estimator
+    assert fresh is not first and fresh.samples_seen == 1
+    assert fresh.level == change.get("adapt_threshold_level", 0.4)
+    assert fresh.refit_samples == change.get("adapt_threshold_samples", 300)
+    copy_model.threshold_estimator = None

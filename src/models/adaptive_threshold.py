@@ -77,6 +77,7 @@ class BetaMixtureThreshold:
         self.samples_seen = 0
         self.confidences: List[float] = []
         self.agreements: List[bool] = []
+        self.settings: Optional[tuple] = None  # the decoding settings it is fitted under (set by its user)
 
     @property
     def collecting(self) -> bool:

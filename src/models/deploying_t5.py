@@ -106,22 +106,32 @@ class EarlyExitGenerationMixin:
         began = timer.now()
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
         free = args.use_shallow_deep and uses_parallel_decoding(args) and not trace
-        if free and args.use_self_speculation:
-            step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids)
-        elif free:
-            step = self._shallow_deep_step(args)
-        else:
-            step = None
-        decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
-                               lazy_propagation=lazy_propagation, step=step)
-        rows = decoder.run(input_ids, attention_mask, start, eos_ids)
-        if free and args.use_adapt_threshold:  # refit as if the rows had come one after another
-            for row in rows:
+
+        def decode(ids, mask):
+            scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
+            if free and args.use_self_speculation:
+                step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids)
+            elif free:
+                step = self._shallow_deep_step(args)
+            else:
+                step = None
+            decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
+                                   lazy_propagation=lazy_propagation, step=step)
+            return decoder.run(ids, mask, start, eos_ids), step
+
+        if free and args.use_adapt_threshold:
+            # the estimate moves after every sample: rows decode one after another, each unpadded
+            # at the estimate the rows before it left, exactly as at batch size 1
+            rows = []
+            for ids, mask in zip(input_ids, attention_mask):
+                (row,), step = decode(ids[mask.bool()][None], mask[mask.bool()][None])
                 for confidence, agrees in row.observations:
                     self.threshold_estimator.observe(confidence, agrees)
                 self.threshold_estimator.end_sample()
+                rows.append(row)
+        else:
+            rows, step = decode(input_ids, attention_mask)
         total = timer.now() - began
 
         width = max(len(row.tokens) for row in rows)
@@ -149,9 +159,13 @@ class EarlyExitGenerationMixin:
         """FREE's step; the adaptive threshold's estimator lives on the model across calls."""
         threshold, observing = args.shallow2deep_conf_threshold, False
         if args.use_adapt_threshold:
-            if self.threshold_estimator is None:
+            # an estimate belongs to the settings it was fitted under: other ones start afresh
+            settings = (args.shallow2deep_conf_threshold, args.adapt_threshold_level, args.adapt_threshold_samples,
+                        args.shallow_exit_layer, args.shallow2deep_conf_type)
+            if self.threshold_estimator is None or self.threshold_estimator.settings not in (None, settings):
                 self.threshold_estimator = BetaMixtureThreshold(args.shallow2deep_conf_threshold,
                                                                 args.adapt_threshold_level, args.adapt_threshold_samples)
+            self.threshold_estimator.settings = settings
             threshold, observing = self.threshold_estimator.threshold, self.threshold_estimator.collecting
         return ShallowDeepStep(threshold, rollback_threshold=args.rollback_conf_threshold, observing=observing,
                                causal=args.parallel_causal_mask)

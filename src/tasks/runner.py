@@ -6,8 +6,8 @@ Order matters: every check of arguments, output directory, tokenizer, config, fl
 happens before the model is loaded, so bad input fails in seconds with a clear message.
 Training uses HF's Seq2SeqTrainer; evaluation is our own loop: batched HF `generate` for
 quality, or (`--deploy_scenario True`) the early-exit decoder, `--per_device_eval_batch_size` rows
-at once (1 by default there; results identical at any size), which also reports speed and exit
-statistics.
+at once (1 by default there; the same tokens and exit layers at any size, up to summation order),
+which also reports speed and exit statistics.
 """
 
 import functools
