@@ -231,13 +231,13 @@ def test_every_row_of_a_batch_decodes_as_it_would_alone_on_cuda(models, method):
     check_rows_equal_alone(model, METHODS[method], "right")
 
 
-# The test models are far below models.projection.SMALL_WEIGHTS, so the loop would call their
-# modules as they are; these run the W x^T path (every projection, one row as a 2-row product).
+# The test models are far below models.projection.SMALL_WEIGHTS, so the loop would call F.linear;
+# these run the W x^T path (every projection, one row as a 2-row product).
 @pytest.fixture
 def transposed_projections(monkeypatch):
     import models.projection
 
-    monkeypatch.setattr(models.projection, "SMALL_WEIGHTS", 0)
+    monkeypatch.setattr(models.projection, "uses_transposed", lambda weight, rows: weight.device.type == "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
