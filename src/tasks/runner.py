@@ -386,7 +386,9 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     runtime = time.perf_counter() - began
 
     references = [task.references(r, data_args) for r in rows] if with_references else None
-    metrics = task.compute_metrics(texts, references) if with_references else {}
+    # once, on the gathered predictions: only process 0 reports them (the others' are not written)
+    scoring = with_references and distributed.process_index(training_args, alone) == 0
+    metrics = task.compute_metrics(texts, references) if scoring else {}
     metrics["gen_len"] = sum(lengths) / len(lengths)
     metrics["samples"] = len(rows)
     metrics["runtime"] = runtime
