@@ -403,3 +403,44 @@ def test_training_and_deploy_models_agree_on_the_meta_head(flags, has_head):
     assert hasattr(TrainT5ForConditionalGeneration(config), "cm_head") is has_head
     assert hasattr(DeployT5ForConditionalGeneration(config), "cm_head") is has_head
     assert deploying_t5._uses_meta_head is mt.uses_meta_head  # one function, both sides
+
+
+@pytest.mark.parametrize("loss_fn", ["shallowdeep_kl_last", "ce"])
+def test_train_mode_heads_read_dropout_of_the_normed_state_as_free(loss_fn):
+    """In train mode, FREE applies the decoder's dropout to norm(h_k) before the shallow head, as
+    HF does before the last head. Re-derived with the same seed: HF's forward consumes the same
+    random draws, then each intermediate state's dropout mask is the next draw."""
+    import torch.nn.functional as F
+    from transformers import T5ForConditionalGeneration
+
+    extra = dict(shallow_exit_layer=2, distill_layer_alpha=0.0) if loss_fn.startswith("shallowdeep") else {}
+    model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn=loss_fn, **extra).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    inputs = batch()
+    torch.manual_seed(11)
+    loss = float(model(**inputs).loss)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        out = T5ForConditionalGeneration.forward(model, **inputs, output_hidden_states=True, return_dict=True)
+        L = model.config.num_decoder_layers
+        layers = [2] if loss_fn.startswith("shallowdeep") else list(range(1, L))
+        logits = {}
+        for layer in layers:  # the loss draws the intermediate states' masks in this order
+            normed = F.dropout(model.decoder.final_layer_norm(out.decoder_hidden_states[layer]), 0.5, training=True)
+            logits[layer] = model.lm_head(normed * model.config.d_model ** -0.5)
+        if loss_fn == "ce":
+            expected = mt.ce_loss([logits[layer] for layer in layers] + [out.logits], inputs["labels"])
+        else:
+            expected = mt.shallow_deep_ce(logits[2], out.logits, inputs["labels"], 2, L)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    torch.manual_seed(11)  # and it is not the loss without that dropout
+    with torch.no_grad():
+        out = T5ForConditionalGeneration.forward(model, **inputs, output_hidden_states=True, return_dict=True)
+        plain = [output_logits(model, out.decoder_hidden_states[layer]) for layer in layers]
+        if loss_fn == "ce":
+            plain = mt.ce_loss(plain + [out.logits], inputs["labels"])
+        else:
+            plain = mt.shallow_deep_ce(plain[0], out.logits, inputs["labels"], 2, L)
+    assert loss != pytest.approx(float(plain), rel=1e-3)

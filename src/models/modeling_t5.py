@@ -244,9 +244,14 @@ class EarlyExitTrainingMixin:
         return out.decoder_hidden_states[layer]
 
     def _layer_logits(self, out, layer: int) -> torch.Tensor:
+        """z_l = W s(dropout(norm(h_l))): as FREE, the dropout HF applies after the final norm
+        before the last head is applied before every intermediate head too (train mode only)."""
         if layer == self.config.num_decoder_layers:
-            return out.logits  # the model's own head on h_L
-        return output_logits(self, self._block_output(out, layer))
+            return out.logits  # the model's own head on dropout(norm(h_L))
+        normed = self._normed_state(out, layer)
+        if self.config.scale_decoder_outputs:
+            normed = normed * self.model_dim ** -0.5
+        return self.lm_head(normed)
 
     def _intermediate_loss(self, args: AdditionalArguments, out, labels: torch.Tensor) -> torch.Tensor:
         L = self.config.num_decoder_layers
@@ -289,7 +294,8 @@ class EarlyExitTrainingMixin:
     def _meta_loss(self, out, labels: torch.Tensor) -> torch.Tensor:
         L = self.config.num_decoder_layers
         norm = self.decoder.final_layer_norm
-        logits = [self._layer_logits(out, layer) for layer in range(1, L + 1)]
+        # the backbone ran in eval mode: its heads without dropout, as at decoding
+        logits = [output_logits(self, self._block_output(out, layer)) for layer in range(1, L)] + [out.logits]
         states = [norm(self._block_output(out, layer)) for layer in range(1, L)]
         loss, _ = meta_head_loss(self.cm_head, states, logits, labels)
         return loss
