@@ -13,12 +13,13 @@ The flags are read from `model.config` at every call, so changing them (through
 one call with other flags and leaves the config as it is.
 """
 
+import logging
 from typing import Optional
 
 import torch
 from transformers import T5ForConditionalGeneration
 
-from models.confidence import build_meta_head
+from models.confidence import META_HEAD_BIASES, build_meta_head
 from models.adaptive_threshold import BetaMixtureThreshold
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from models.flops import Shape, encoder_flops
@@ -26,8 +27,12 @@ from models.layer_scorer import LayerScorer
 from models.results import TIMED_COMPONENTS, merge_rows
 from models.self_speculation import SelfSpeculativeStep, speculation_rates
 from models.shallow_deep import ShallowDeepStep
-from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
+from util.additional_args import (AdditionalArguments, normalise_saved_flags, uses_parallel_decoding,
+                                  validate_additional_args)
 from util.additional_args import uses_meta_head as _uses_meta_head
+
+
+logger = logging.getLogger(__name__)
 
 
 class EarlyExitGenerationMixin:
@@ -37,8 +42,32 @@ class EarlyExitGenerationMixin:
     def _init_early_exit(self, config) -> None:
         if _uses_meta_head(config):
             self.cm_head = build_meta_head(config.d_model)
+        ignored = normalise_saved_flags(config)  # after the head: a meta-head checkpoint keeps its head
+        if ignored:
+            logger.warning("the model's config carries training-time flags that do not act in decoding: ignored %s",
+                           ", ".join(ignored))
         self._exit_stats = {}
         self.threshold_estimator = None  # FREE's adaptive threshold, kept across generate calls
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """HF's from_pretrained; a meta head saved without biases (FREE trains it with
+        bias=False) is built bias-free, so that it computes what was trained."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [key for key in info["missing_keys"] if key in META_HEAD_BIASES]
+        if missing and getattr(model, "cm_head", None) is not None:
+            if len(missing) != len(META_HEAD_BIASES):
+                raise ValueError(f"the checkpoint's meta head lacks {missing} but has the other bias: not a head "
+                                 "this model can build.")
+            head = build_meta_head(model.config.d_model, bias=False).to(model.cm_head[0].weight)
+            with torch.no_grad():
+                for j in (0, 2):
+                    head[j].weight.copy_(model.cm_head[j].weight)
+            model.cm_head = head
+            info["missing_keys"] = [key for key in info["missing_keys"] if key not in META_HEAD_BIASES]
+            logger.info("the checkpoint's meta head has no biases (as FREE trains it): built without them.")
+        return (model, info) if wants_info else model
 
     def exit_args(self, overrides: Optional[AdditionalArguments] = None) -> AdditionalArguments:
         """The validated flags a generate call decodes with: `overrides`, else the config's."""
@@ -59,13 +88,17 @@ class EarlyExitGenerationMixin:
 
     def _special_tokens(self):
         gen, cfg = self.generation_config, self.config
-        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
-        if start is None:
-            start = cfg.pad_token_id
-        pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
-        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
+
+        def token(name):  # an older config may lack the attribute altogether
+            value = getattr(gen, name, None)
+            return value if value is not None else getattr(cfg, name, None)
+
+        pad, eos = token("pad_token_id"), token("eos_token_id")
+        pad = pad if pad is not None else 0
+        start = token("decoder_start_token_id")
+        start = start if start is not None else pad  # T5 starts from its pad token
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-        return int(start), int(pad if pad is not None else 0), eos_ids
+        return int(start), int(pad), eos_ids
 
     @torch.inference_mode()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None,

@@ -312,6 +312,41 @@ def uses_parallel_decoding(args) -> bool:
     return args.parallel_gen_token and not args.copy_skipped_hidden_states
 
 
+# Flags that act in training only: a checkpoint's config keeps the values it was trained with.
+TRAINING_FLAGS = ("output_hidden_states_decoder", "intermediate_loss_fn", "distill_layer_alpha",
+                  "do_layer_transformation", "train_meta_cm_head", "use_lora")
+
+
+def normalise_saved_flags(config) -> List[str]:
+    """Make a loaded checkpoint's config decodable; return what was ignored ("flag=value").
+
+    A config saved by training carries its training flags (FREE saves a meta-head checkpoint with
+    exit_conf_type='meta' and use_early_exit=False), which decoding does not read but validation
+    refuses. Only when the saved flags fail validation: training flags go back to their defaults,
+    and a confidence measure without its exit policy is cleared. Flags a user gives
+    (update_autoconfig, generate's exit_args) are still validated strictly."""
+    args = AdditionalArguments.from_config(config)
+    try:
+        validate_additional_args(args, config.num_decoder_layers)
+        return []
+    except ValueError:
+        pass
+    defaults, ignored = AdditionalArguments(), []
+    inert = list(TRAINING_FLAGS)
+    if not args.use_early_exit:
+        inert.append("exit_conf_type")
+    if not args.use_shallow_deep:
+        inert.append("shallow2deep_conf_type")
+    for name in inert:
+        if getattr(args, name) != getattr(defaults, name):
+            ignored.append(f"{name}={getattr(args, name)!r}")
+            setattr(args, name, getattr(defaults, name))
+    validate_additional_args(args, config.num_decoder_layers)  # anything else is a real inconsistency
+    for name in inert:
+        setattr(config, name, getattr(args, name))
+    return ignored
+
+
 def update_autoconfig(config, additional_args: AdditionalArguments, **kwargs):
     """Validate the flags against the model's depth and copy them, and kwargs, into `config`."""
     validate_additional_args(additional_args, config.num_decoder_layers)
