@@ -289,12 +289,12 @@ def test_bad_flags_raise_errors_naming_them(flags, names):
 ])
 def test_the_deep_pass_is_charged_to_the_blocks_by_both_steps(copy_case, monkeypatch, module, flags):
     """Self-speculation's verification pass and FREE's parallel pass are the same blocks: a
-    deep pass slowed down by 50 ms shows up in time_blocks, not in time_head."""
+    deep pass slowed down by 0.2 s shows up in time_blocks, not in time_head."""
     import importlib
     import time
 
     target = importlib.import_module(module)
-    original, delay, calls = target.deep_pass, 0.05, []
+    original, delay, calls = target.deep_pass, 0.2, []
 
     def slow_deep_pass(*args, **kwargs):
         calls.append(1)
