@@ -95,13 +95,14 @@ def one_at_a_time(model, ids, mask, steps, args):
 
 
 @torch.inference_mode()
-def gather_or_mask(model, batch: int, position: int, rounds: int, device) -> dict:
+def gather_or_mask(model, batch: int, position: int, rounds: int, device, source_length: int = 32) -> dict:
     """What one middle block costs when only some rows of a batch still run it: computed for
     those rows alone (gathered: their cached keys/values copied out) against for every row
-    (masking: the exited rows' results thrown away). Milliseconds per block call, medians."""
+    (masking: the exited rows' results thrown away), over sources of `source_length` tokens.
+    Milliseconds per block call, medians."""
     L = model.config.num_decoder_layers
     decoder = BatchDecoder(model, ExitPolicy(L, L), ComponentTimer(device, False), position + 1)
-    ids = torch.randint(2, model.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(2, model.config.vocab_size, (batch, source_length), generator=torch.Generator().manual_seed(3))
     decoder.start(ids.to(device), torch.ones_like(ids).to(device), 0)
     decoder.cache.keys.zero_()
     decoder.cache.values.zero_()

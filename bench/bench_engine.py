@@ -7,6 +7,9 @@ Variants, timed side by side in interleaved rounds:
   full     our loop, all L blocks
   static   our loop, static exit at L/2
   checked  our loop, early exit with softmax at threshold 1 (every layer checked, no token exits)
+  full-wxt our loop, all L blocks, every large CPU projection as W x^T (the fixed rule before
+           kernels were chosen by measurement)
+  full-lin our loop, all L blocks, every projection F.linear
 
 Targets: full within 1.05x of hf; static reaching 0.9 of the ideal decoder speedup L/k.
 """
@@ -18,6 +21,9 @@ import torch
 from common import (
     build_model,
     configure,
+    cpu_name,
+    fixed_transposed,
+    projection_rule,
     hf_generate,
     hf_variant,
     median,
@@ -68,6 +74,8 @@ def bench_shape(shape, args):
         "static": our_variant(model, inputs, args.new_tokens, static_exit_layer=k),
         "checked": our_variant(model, inputs, args.new_tokens, use_early_exit=True, exit_conf_type="softmax",
                                exit_conf_threshold=1.0),
+        "full-wxt": projection_rule(fixed_transposed)(our_variant(model, inputs, args.new_tokens)),
+        "full-lin": projection_rule(lambda weight, rows: False)(our_variant(model, inputs, args.new_tokens)),
     }
     raw = run_side_by_side(variants, args.rounds, model.device)
     m = {name: {key: median(values) for key, values in r.items()} for name, r in raw.items()}
@@ -89,6 +97,8 @@ def bench_shape(shape, args):
         "static_layer": k,
         "ms_per_token": {name: 1000 * per_token(name) for name in variants},
         "full_over_hf": per_token("full") / per_token("hf"),
+        "full_wxt_over_hf": per_token("full-wxt") / per_token("hf"),
+        "full_lin_over_hf": per_token("full-lin") / per_token("hf"),
         "static_decoder_speedup": decoder_per_token("full") / decoder_per_token("static"),
         "static_block_speedup": blocks_per_token("full") / blocks_per_token("static"),
         "ideal_speedup": L / k,
@@ -116,13 +126,15 @@ def main():
         ms = s["ms_per_token"]
         rows.append([
             s["shape"], f"{ms['hf']:.1f}", f"{ms['full']:.1f}", f"{s['full_over_hf']:.3f}",
+            f"{s['full_wxt_over_hf']:.3f}", f"{s['full_lin_over_hf']:.3f}",
             f"{ms['static']:.1f}", f"{s['static_decoder_speedup']:.2f}/{s['ideal_speedup']:.0f} = {s['static_fraction_of_ideal']:.2f}",
             f"{s['static_block_speedup']:.2f}/{s['ideal_speedup']:.0f} = {s['static_block_fraction_of_ideal']:.2f}",
             f"{ms['checked']:.1f}", f"{s['confidence_check_over_block']:.2f}",
         ])
-    print_table(["shape", "hf ms/tok", "full ms/tok", "full/hf", "static L/2 ms/tok",
+    print_table(["shape", "hf ms/tok", "full ms/tok", "full/hf", "full W x^T/hf", "full F.linear/hf", "static L/2 ms/tok",
                  "static decoder speedup (of ideal)", "static block speedup (of ideal)",
                  "all-checked ms/tok", "1 check / 1 block"], rows)
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads")
     path = save_results("bench_engine", {"args": vars(args), "results": summaries})
     print(f"\nsaved {path}")
 

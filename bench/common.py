@@ -94,11 +94,47 @@ def median(values):
     return statistics.median(values)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def projection_rule(rule):
+    """A variant's run with models.projection's choice replaced by `rule(weight, rows)`."""
+    from models import projection
+
+    def wrap(run):
+        def wrapped():
+            saved = projection.uses_transposed
+            projection.uses_transposed = rule
+            try:
+                return run()
+            finally:
+                projection.uses_transposed = saved
+        return wrapped
+    return wrap
+
+
+def fixed_transposed(weight, rows):
+    """The rule before measurement: every CPU weight of SMALL_WEIGHTS or more as W x^T."""
+    from models import projection
+    return weight.device.type == "cpu" and weight.numel() >= projection.SMALL_WEIGHTS
+
+
 def save_results(name: str, payload: dict) -> Path:
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    payload = dict(payload, torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    payload = dict(payload, torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                   cpu=cpu_name())
     path.write_text(json.dumps(payload, indent=2))
     return path
 

@@ -12,7 +12,8 @@
    reuses it).
 3. Quality: evaluates it through the same task script in the deploy scenario under each row of
    the table (DEMO_ROWS, methods of util/methods.py, and a static exit at every layer), with FLOPs
-   counted, decoding `--eval_batch_size` rows at once (results identical to batch 1).
+   counted, decoding `--eval_batch_size` rows at once (the same tokens and exit layers as batch 1,
+   up to summation order).
 4. Speed: tokens/s of every row at batch 1 on the first `--timing_samples` evaluation rows, the
    rows interleaved in `--timing_rounds` rounds, the median round kept.
 5. Prints the table, the issue's targets and a per-token view of the exit layers; writes
@@ -460,12 +461,39 @@ def write_plots(results: Dict[str, Dict], static: Dict[int, float], out_dir: Pat
     return paths
 
 
-def default_threads() -> int:
-    """2 threads (the demo is sized for 2 cores), but 1 when the cores are already busy: spinning
-    OpenMP threads that share a core with other work make each tiny operation many times slower."""
+def cores_in_use(seconds: float = 0.3) -> Optional[float]:
+    """How many cores other work keeps busy now: the busy share of /proc/stat's CPU time over
+    `seconds`, times the cores (None where /proc/stat is not there). Not the load average, which
+    over its minute still counts the demo's own previous run."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (os.cpu_count() or 1) * (elapsed - (idle1 - idle0)) / elapsed if elapsed > 0 else 0.0
+
+
+def default_threads() -> Tuple[int, str]:
+    """(threads, why): 2 (the demo is sized for 2 cores), but 1 when other work keeps the cores
+    busy now: spinning OpenMP threads that share a core with other work make each tiny operation
+    many times slower."""
     cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 1 if cores < 2 or busy >= cores - 0.5 else 2
+    if cores < 2:
+        return 1, "1 core"
+    used = cores_in_use()
+    if used is None:
+        return 2, "core use not readable here (no /proc/stat): the default"
+    if cores - used < 1.5:
+        return 1, f"{used:.1f} of {cores} cores busy with other work over 0.3 s"
+    return 2, f"{used:.1f} of {cores} cores busy with other work over 0.3 s"
 
 
 def parse_args(argv=None):
@@ -489,7 +517,8 @@ def parse_args(argv=None):
     parser.add_argument("--timing_samples", type=int, default=24, help="rows decoded one at a time for tokens/s")
     parser.add_argument("--timing_rounds", type=int, default=3, help="interleaved timing rounds (the median is kept)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: 2, or 1 when other work already keeps the cores busy)")
+                        help="torch threads (default: 2, or 1 when other work keeps the cores busy now, "
+                             "sampled over 0.3 s; the choice and its reason are printed)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a cached model matches")
     args = parser.parse_args(argv)
     for name in ("eval_batch_size", "timing_samples", "timing_rounds", "threads", "max_eval_samples"):
@@ -502,7 +531,9 @@ def parse_args(argv=None):
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     began = time.perf_counter()
-    torch.set_num_threads(args.threads or default_threads())
+    threads, why = (args.threads, "--threads") if args.threads else default_threads()
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} ({why})", flush=True)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # one line per step of the demo, not per file
     datasets.disable_progress_bars()
@@ -563,6 +594,7 @@ def main(argv=None) -> Dict:
                "train_minutes": cached["train_minutes"], "model_cached": cached["cached"],
                "quality_minutes": quality_minutes, "timing_minutes": timing_minutes,
                "total_minutes": (time.perf_counter() - began) / 60, "threads": torch.get_num_threads(),
+               "threads_reason": why,
                "timing": {"method": "batch 1, rows interleaved within each round, median round",
                           "samples": len(sources), "rounds": args.timing_rounds},
                "quality_batch_size": args.eval_batch_size, "targets": targets, "results": results,

@@ -57,7 +57,7 @@ def parse(argv: Optional[List[str]] = None):
     parser.add_argument("--min_layers", type=_ints, default=[1])
     parser.add_argument("--static_layers", type=_ints, default=[], help="static-exit reference cells")
     parser.add_argument("--batch_size", type=int, default=1,
-                        help="rows decoded at once per cell (results identical at any size; only timings change)")
+                        help="rows decoded at once per cell (the same tokens and exit layers at any size up to summation order; timings change)")
     args = parser.parse_args(own)
     for reduction in args.reductions.split(","):
         if reduction not in REDUCTIONS:

@@ -15,7 +15,19 @@ from tasks.adapters import QuestionAnswering, Summarization, Translation  # noqa
 
 TASKS = {"qa": QuestionAnswering, "summarization": Summarization, "translation": Translation}
 
+def logged(compute_metrics, path):
+    """compute_metrics that appends this process's rank to `path` at every call."""
+    def wrapped(self, *args, **kwargs):
+        with open(path, "a") as handle:
+            handle.write(os.environ.get("RANK", "0") + "\n")
+        return compute_metrics(self, *args, **kwargs)
+    return wrapped
+
+
 if __name__ == "__main__":
+    if os.environ.get("METRICS_LOG"):  # the test counts who computes the metrics
+        for task_class in TASKS.values():
+            task_class.compute_metrics = logged(task_class.compute_metrics, os.environ["METRICS_LOG"])
     with open(sys.argv[1]) as handle:
         jobs = json.load(handle)
     for task, argv in jobs:

@@ -52,7 +52,7 @@ METHODS = {
     "free-rollback-often": dict(FREE, shallow2deep_conf_threshold=0.3, rollback_conf_threshold=0.01),
     "free-non-causal": dict(FREE, parallel_causal_mask=False),
     "free-copied-states": dict(FREE, copy_skipped_hidden_states=True),
-    "free-adaptive-threshold": dict(FREE, use_adapt_threshold=True),
+    "free-adaptive-threshold": dict(FREE, use_adapt_threshold=True, adapt_threshold_level=0.7),  # moves on these rows
     "free-meta": dict(FREE, shallow2deep_conf_type="meta", shallow2deep_conf_threshold=0.5),
     "self-speculation": dict(FREE, shallow2deep_conf_threshold=0.0, use_self_speculation=True, max_draft_tokens=3,
                              count_flops=True),
@@ -110,9 +110,12 @@ def check_rows_equal_alone(model, flags, side, estimator=None):
     rows = sources()
     ids, mask = padded(rows, side)
     out, stats, batch_estimator = decode(model, args, ids, mask, estimator)
-    alone_observations, exits_seen = [], set()
+    exits_seen = set()
+    previous = estimator  # the adaptive threshold: the rows alone one after another, as a batch-1 run
     for b, row in enumerate(rows):
-        expected, alone, alone_estimator = decode(model, args, row, estimator=estimator)
+        expected, alone, alone_estimator = decode(model, args, row, estimator=previous)
+        if args.use_adapt_threshold:
+            previous = alone_estimator
         width = expected.shape[1]
         assert out[b, :width].tolist() == expected[0].tolist(), f"row {b} tokens"
         assert (out[b, width:] == PAD).all()
@@ -130,11 +133,10 @@ def check_rows_equal_alone(model, flags, side, estimator=None):
             for mine, theirs in zip(stats["jsd_steps"][b], alone["jsd_steps"][0]):
                 assert mine["chosen"] == theirs["chosen"] and mine["expert_layer"] == theirs["expert_layer"]
                 assert mine["jsd"] == pytest.approx(theirs["jsd"], **tolerance(model))
-        if alone_estimator is not None:
-            alone_observations += alone_estimator.confidences[len(estimator.confidences) if estimator else 0:]
-    if batch_estimator is not None:  # the rows' labels refit the estimator as if decoded one by one
-        start = len(estimator.confidences) if estimator else 0
-        assert batch_estimator.confidences[start:] == pytest.approx(alone_observations, **tolerance(model))
+    if batch_estimator is not None:  # the rows refit the estimator as decoded one by one
+        assert batch_estimator.confidences == pytest.approx(previous.confidences, **tolerance(model))
+        assert batch_estimator.agreements == previous.agreements
+        assert batch_estimator.samples_seen == previous.samples_seen and batch_estimator.threshold == previous.threshold
     return stats, exits_seen
 
 
@@ -170,14 +172,20 @@ def test_method_counts_of_a_batch_are_the_sums_of_its_rows(models, method, count
         assert 0 < stats["accepted_tokens"] < stats["drafted_tokens"]  # drafts were accepted and rejected
 
 
-def test_adaptive_threshold_rows_use_the_estimate_of_when_the_call_began(models):
+def test_adaptive_threshold_rows_decode_one_after_another_as_at_batch_one(models):
     model = models[torch.float64]
     args = AdditionalArguments(**METHODS["free-adaptive-threshold"])
     estimator = None
     for row in sources(5):  # an estimator that has seen a few samples
         _, _, estimator = decode(model, args, row, estimator=estimator)
     assert estimator.confidences, "the estimator saw nothing"
-    check_rows_equal_alone(model, METHODS["free-adaptive-threshold"], "right", estimator=estimator)
+    thresholds, chained = [estimator.threshold], estimator
+    for row in sources():
+        _, _, chained = decode(model, args, row, estimator=chained)
+        thresholds.append(chained.threshold)
+    assert len(set(thresholds[:-1])) > 1, "the estimate did not move between rows: the check would be weak"
+    for side in ("right", "left"):
+        check_rows_equal_alone(model, METHODS["free-adaptive-threshold"], side, estimator=estimator)
 
 
 def test_exit_args_decode_one_call_and_leave_the_config_as_it_was(models):
@@ -223,13 +231,13 @@ def test_every_row_of_a_batch_decodes_as_it_would_alone_on_cuda(models, method):
     check_rows_equal_alone(model, METHODS[method], "right")
 
 
-# The test models are far below models.projection.SMALL_WEIGHTS, so the loop would call their
-# modules as they are; these run the W x^T path (every projection, one row as a 2-row product).
+# The test models are far below models.projection.SMALL_WEIGHTS, so the loop would call F.linear;
+# these run the W x^T path (every projection, one row as a 2-row product).
 @pytest.fixture
 def transposed_projections(monkeypatch):
     import models.projection
 
-    monkeypatch.setattr(models.projection, "SMALL_WEIGHTS", 0)
+    monkeypatch.setattr(models.projection, "uses_transposed", lambda weight, rows: weight.device.type == "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -208,3 +208,20 @@ def test_each_task_has_its_own_cache_and_outputs():
     assert bio.task == "bio" and bio.cache_dir.endswith("cache/demo_bio") and bio.output_dir.endswith("outputs/demo")
     assert qa.cache_dir.endswith("cache/demo_model")  # where bench/ and `TASK=qa scripts/run_sweep.sh` find it
     assert qa.output_dir.endswith("outputs/demo_qa") and qa.train_contexts == demo.QASettings().train_contexts
+
+
+def test_thread_choice_reads_core_use_now_and_says_why(monkeypatch):
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "cores_in_use", lambda seconds=0.3: 0.2)
+    assert demo.default_threads() == (2, "0.2 of 2 cores busy with other work over 0.3 s")
+    monkeypatch.setattr(demo, "cores_in_use", lambda seconds=0.3: 1.4)
+    assert demo.default_threads()[0] == 1
+    monkeypatch.setattr(demo, "cores_in_use", lambda seconds=0.3: None)
+    assert demo.default_threads() == (2, "core use not readable here (no /proc/stat): the default")
+
+
+def test_core_use_is_a_share_of_the_cores():
+    import os
+
+    used = demo.cores_in_use(0.05)
+    assert used is None or 0.0 <= used <= (os.cpu_count() or 1) + 1e-9

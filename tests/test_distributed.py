@@ -135,14 +135,19 @@ def eval_jobs(toys, root):
     return jobs
 
 
-def test_evaluation_over_two_processes_equals_one(toys, tmp_path):
+def test_evaluation_over_two_processes_equals_one(toys, tmp_path, monkeypatch):
     single, double = tmp_path / "one", tmp_path / "two"
     for task, argv in eval_jobs(toys, single):
         runner.run(TASKS[task](), argv)
     jobs = tmp_path / "jobs.json"
     jobs.write_text(json.dumps(eval_jobs(toys, double)))
+    scored = tmp_path / "scored"
+    monkeypatch.setenv("METRICS_LOG", str(scored))
     done = torchrun(os.path.join(ROOT, "tests", "distributed_job.py"), str(jobs))
     assert done.returncode == 0, done.stderr[-3000:]
+    # the task metrics are computed once per evaluated split, by process 0
+    splits = sum(2 if "--do_predict" in argv else 1 for _, argv in eval_jobs(toys, double))
+    assert scored.read_text().split() == ["0"] * splits
 
     for task, argv in eval_jobs(toys, single):
         name = os.path.basename(argv[-1])
@@ -156,9 +161,8 @@ def test_evaluation_over_two_processes_equals_one(toys, tmp_path):
             # the comparison means something: the samples' predictions differ, and (deploy) so do exits
             records = [json.loads(line) for line in lines.splitlines()]
             assert len(records) == SAMPLES and len({r["prediction"] for r in records}) > 1, (name, records)
-            batch = 2 if "--per_device_eval_batch_size" in argv else 1
             assert two[f"{prefix}_processes"] == 2
-            assert two[f"{prefix}_samples_per_process"] == ([3, 2] if batch == 1 else [4, 1])  # 3 batches of 2
+            assert two[f"{prefix}_samples_per_process"] == [3, 2]  # samples split evenly, batched inside
             assert len(two[f"{prefix}_runtime_per_process"]) == 2
             if "--deploy_scenario" in argv:
                 layers = {layer for r in records for layer in r["exit_layers"]}
@@ -242,13 +246,11 @@ def test_adaptive_threshold_is_refused_over_several_processes():
     distributed.check_arguments(1, Training(), adaptive)
 
 
-@pytest.mark.parametrize("num_items, batch_size, processes", [
-    (5, 1, 2), (5, 2, 2), (4, 2, 2), (7, 3, 3), (10, 4, 3), (3, 1, 3), (2, 4, 2), (9, 2, 4)])
-def test_shards_are_contiguous_whole_batches_in_order(num_items, batch_size, processes):
-    bounds = [distributed.shard_bounds(num_items, batch_size, rank, processes) for rank in range(processes)]
+@pytest.mark.parametrize("num_items, processes", [(5, 2), (4, 2), (7, 3), (10, 3), (3, 3), (2, 2), (9, 4), (18, 8)])
+def test_shards_split_the_samples_evenly_in_order(num_items, processes):
+    bounds = [distributed.shard_bounds(num_items, rank, processes) for rank in range(processes)]
     assert [i for start, stop in bounds for i in range(start, stop)] == list(range(num_items))
-    batches = [range(s, min(s + batch_size, num_items)) for s in range(0, num_items, batch_size)]
-    sharded = [range(s, min(s + batch_size, stop)) for start, stop in bounds for s in range(start, stop, batch_size)]
-    assert sharded == batches  # every process decodes exactly the batches one process would
-    counts = [-(-(stop - start) // batch_size) for start, stop in bounds]
-    assert max(counts) - min(counts) <= 1
+    sizes = [stop - start for start, stop in bounds]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    if (num_items, processes) == (18, 8):  # whole batches of 9 gave 9, 9, 0, 0, 0, 0, 0, 0
+        assert sizes == [3, 3, 2, 2, 2, 2, 2, 2]

@@ -280,3 +280,71 @@ def test_bad_flags_raise_errors_naming_them(flags, names):
     for name in names:
         with pytest.raises(ValueError, match=name):
             set_flags(model, **flags)
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("models.self_speculation", speculation_flags(2, 0.0, 3)),
+    ("models.shallow_deep", dict(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax",
+                                 shallow2deep_conf_threshold=1.0)),
+])
+def test_the_deep_pass_is_charged_to_the_blocks_by_both_steps(copy_case, monkeypatch, module, flags):
+    """Self-speculation's verification pass and FREE's parallel pass are the same blocks: a
+    deep pass slowed down by 0.2 s shows up in time_blocks, not in time_head."""
+    import importlib
+    import time
+
+    target = importlib.import_module(module)
+    original, delay, calls = target.deep_pass, 0.2, []
+
+    def slow_deep_pass(*args, **kwargs):
+        calls.append(1)
+        time.sleep(delay)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, "deep_pass", slow_deep_pass)
+    model, inputs, _ = copy_case
+    set_flags(model, **flags)
+    model.generate(input_ids=inputs[0], max_new_tokens=MAX_NEW)
+    stats = model.exit_stats()
+    assert calls, "no deep pass ran: the check would be weak"
+    assert stats["time_blocks"] >= delay * len(calls)
+    assert stats["time_head"] < delay
+
+
+def test_self_speculation_equals_the_full_model_on_the_transposed_path_float32(monkeypatch):
+    """With every projection as W x^T (a verification pass's product then has several rows,
+    the full model's step one: the last bits may differ), float32: the tokens are still the full
+    model's (HF generate, F.linear), and the exit layers those of the F.linear path."""
+    import models.projection
+
+    model = deploy_model(tiny_config(num_layers=4, vocab_size=48))
+    reference = hf_twin(model)
+    generator = torch.Generator().manual_seed(7)
+    inputs = [torch.randint(2, 48, (1, 6), generator=generator) for _ in range(4)]
+    expected = [reference.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)[0].tolist()
+                for ids in inputs]
+    runs = {}
+    for transposed in (False, True):
+        monkeypatch.setattr(models.projection, "uses_transposed", lambda weight, rows: transposed)
+        layers, rejected = [], 0
+        for shallow, threshold, max_draft in ((1, 0.0, 3), (2, 0.05, 8), (3, 0.3, 1), (2, 0.0, 2)):
+            totals = check_against_full(model, inputs, expected, **speculation_flags(shallow, threshold, max_draft))
+            rejected += totals["drafted_tokens"] - totals["accepted_tokens"]
+            for ids in inputs:
+                model.generate(input_ids=ids, max_new_tokens=MAX_NEW)
+                layers.append(model.exit_stats()["exit_layers"])
+        assert rejected > 0
+        runs[transposed] = layers
+    assert runs[True] == runs[False]
+
+
+def test_trained_copy_model_on_the_transposed_path_gives_the_full_models_tokens(copy_case, monkeypatch):
+    import models.projection
+
+    model, inputs, expected = copy_case
+    monkeypatch.setattr(models.projection, "uses_transposed", lambda weight, rows: True)
+    drafted = accepted = 0
+    for shallow, threshold, max_draft in ((1, 0.2, 3), (2, 0.5, 8), (3, 0.0, 2)):
+        totals = check_against_full(model, inputs, expected, **speculation_flags(shallow, threshold, max_draft))
+        drafted, accepted = drafted + totals["drafted_tokens"], accepted + totals["accepted_tokens"]
+    assert 0 < accepted < drafted, "no draft was rejected: the test would prove nothing"

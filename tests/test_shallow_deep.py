@@ -12,7 +12,7 @@ from engine_helpers import (
     threshold_rule,
     trained_copy_model,
 )
-from models.adaptive_threshold import BetaMixtureThreshold, posterior_threshold
+from models.adaptive_threshold import BetaMixtureThreshold
 from models.confidence import softmax_confidence
 from models.decode_loop import output_logits
 
@@ -151,62 +151,95 @@ def test_non_causal_parallel_mask_runs_and_all_deep_still_equals_the_full_model(
 # ----- the adaptive threshold ----------------------------------------------------------------------
 
 
-def posterior_root(agree, disagree, prior, level, low, high):
-    """The confidence in (low, high) where P(agree | c) crosses `level`, by scipy's root finder
-    on scipy's Beta densities (independent of the estimator's grid and log-densities)."""
-    from scipy.optimize import brentq
+def frees_threshold(confidences, agreements, level, initial=None):
+    """FREE's BetaMixture1D.fit(x, y) then predict_proba(0.3, 0.9), re-derived from its definition
+    with numpy and scipy's Beta density; `initial` where a component's variance is 0 (FREE's
+    NaN case, where the estimator keeps its previous value)."""
+    import numpy as np
     from scipy.stats import beta
 
-    def excess(c):
-        a, d = prior * beta.pdf(c, *agree), (1 - prior) * beta.pdf(c, *disagree)
-        return a / (a + d) - level
-    return brentq(excess, low, high, xtol=1e-12)
+    x = np.clip(np.array(confidences, dtype=np.float64), 1e-4, 1 - 1e-4)
+    y = np.array(agreements, dtype=int)
+    r = np.eye(2)[y].T  # (2, n): row 1 = "agrees"
+    r[r <= 1e-4] = 1e-4
+    r = r / r.sum(axis=0)
+    params, means = [], []
+    for w in r:
+        m = np.sum(w * x) / np.sum(w)
+        s2 = np.sum(w * (x - m) ** 2) / np.sum(w)
+        if s2 == 0:
+            return initial
+        a = m * (m * (1 - m) / s2 - 1)
+        params.append((a, a * (1 - m) / m))
+        means.append(m)
+    grid = np.linspace(0.3, 0.9, 10)
+    i = int(np.argmax([a / (a + b) for a, b in params]))
+    mine, other = beta.pdf(grid, *params[i]), beta.pdf(grid, *params[1 - i])
+    passing = int(np.sum(mine / (mine + other) > level))
+    return float(grid[min(max(0, 10 - passing), 9)])
 
 
-def test_threshold_of_known_components_is_where_the_posterior_crosses_the_level():
-    expected = posterior_root((8.0, 2.0), (2.0, 6.0), 0.5, 0.9, 0.01, 0.99)
-    # the grid's first point at or above the root: within one grid step (1/2000) above it
-    assert expected <= posterior_threshold((8.0, 2.0), (2.0, 6.0), 0.5, 0.9) < expected + 6e-4
+def beta_observations(agree, disagree, n_agree, n_disagree, seed=0):
+    draw = lambda a, b, n: torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).sample((n,)).tolist()
+    torch.manual_seed(seed)
+    return draw(*agree, n_agree) + draw(*disagree, n_disagree), [True] * n_agree + [False] * n_disagree
 
 
-def test_threshold_with_a_u_shaped_agrees_component_does_not_collapse_to_zero():
-    agree, disagree = (0.5, 0.5), (2.0, 5.0)  # "agrees" is U-shaped: its posterior is high near 0 too
-    assert posterior_root(agree, disagree, 0.5, 0.9, 1e-9, 0.2) > 0  # a low region that passes ...
-    expected = posterior_root(agree, disagree, 0.5, 0.9, 0.3, 1 - 1e-9)  # ... and the crossing from the top
-    assert 0.5 < expected < 0.99
-    threshold = posterior_threshold(agree, disagree, 0.5, 0.9)
-    assert expected <= threshold < expected + 6e-4  # not ~1e-4, the lowest passing grid point
-
-
-def test_threshold_is_one_when_the_top_does_not_pass():
-    assert posterior_threshold((2.0, 5.0), (5.0, 2.0), 0.5, 0.9) == 1.0
-
-
-def test_estimator_recovers_a_known_threshold_from_beta_samples():
-    torch.manual_seed(0)
-    agree = torch.distributions.Beta(8.0, 2.0).sample((4000,)).double()
-    disagree = torch.distributions.Beta(2.0, 6.0).sample((4000,)).double()
-    true_threshold = posterior_root((8.0, 2.0), (2.0, 6.0), 0.5, 0.9, 0.01, 0.99)
-    assert 0.3 < true_threshold < 0.9
-    estimator = BetaMixtureThreshold(initial=1.0, level=0.9, refit_samples=10)
-    for value in agree.tolist():
-        estimator.observe(value, True)
-    for value in disagree.tolist():
-        estimator.observe(value, False)
+def fitted(confidences, agreements, level, initial=0.77):
+    estimator = BetaMixtureThreshold(initial=initial, level=level, refit_samples=10)
+    for c, a in zip(confidences, agreements):
+        estimator.observe(c, a)
     estimator.end_sample()
-    assert estimator.threshold == pytest.approx(true_threshold, abs=0.02)
+    return estimator.threshold
 
 
-def test_estimator_keeps_its_threshold_until_both_classes_are_seen_and_stops_refitting():
-    estimator = BetaMixtureThreshold(initial=0.7, level=0.9, refit_samples=1)
+GRID_POINTS = [0.3 + i * 0.6 / 9 for i in range(10)]
+
+ESTIMATOR_CASES = {
+    # agrees U-shaped: the old rule over (0, 1) gave 1e-4 here at zeta = 0.4
+    "u-shaped": ((0.5, 0.5), (2.0, 5.0), 300, 300),
+    # light-tailed agrees, heavy disagrees: the old rule jumped to 1.0 at zeta = 0.9
+    "light-tailed": ((20.0, 4.0), (0.5, 3.0), 300, 300),
+    "balanced": ((5.0, 2.0), (2.0, 5.0), 300, 300),
+    "small": ((5.0, 2.0), (2.0, 5.0), 3, 2),
+    "agrees has the lower mean": ((2.0, 5.0), (5.0, 2.0), 50, 50),
+}
+
+
+@pytest.mark.parametrize("case", ESTIMATOR_CASES)
+@pytest.mark.parametrize("level", [0.4, 0.9])
+def test_estimator_is_frees_beta_mixture(case, level):
+    agree, disagree, n_agree, n_disagree = ESTIMATOR_CASES[case]
+    confidences, agreements = beta_observations(agree, disagree, n_agree, n_disagree)
+    expected = frees_threshold(confidences, agreements, level)
+    assert fitted(confidences, agreements, level) == pytest.approx(expected, abs=1e-12)
+    assert any(expected == pytest.approx(g) for g in GRID_POINTS)
+
+
+def test_estimator_fixes_the_old_rules_failures():
+    u_shaped = beta_observations((0.5, 0.5), (2.0, 5.0), 300, 300)
+    assert fitted(*u_shaped, 0.4) >= 0.3  # not ~1e-4: every token would exit
+    light = beta_observations((20.0, 4.0), (0.5, 3.0), 300, 300)
+    assert fitted(*light, 0.9) <= 0.9  # not 1.0: no token would ever exit
+    balanced = beta_observations((5.0, 2.0), (2.0, 5.0), 300, 300)
+    assert fitted(*balanced, 0.4) == pytest.approx(0.5)  # symmetric components cross at 0.5
+
+
+def test_estimator_keeps_its_threshold_while_the_observations_do_not_determine_a_beta():
+    estimator = BetaMixtureThreshold(initial=0.7, level=0.4, refit_samples=2)
+    estimator.observe(0.8, True)
+    estimator.end_sample()
+    assert estimator.threshold == 0.7  # one observation: variance 0
     for value in (0.2, 0.9, 0.95):
         estimator.observe(value, True)
-    estimator.end_sample()
-    assert estimator.threshold == 0.7  # one class only
+    estimator.end_sample()  # one class only: FREE still fits, both components alike, ratio ~0.5 > 0.4
+    assert estimator.threshold == pytest.approx(frees_threshold(estimator.confidences, estimator.agreements, 0.4))
+    assert estimator.threshold == pytest.approx(0.3)
+    before = estimator.threshold
     for value in (0.1, 0.3, 0.2):
         estimator.observe(value, False)
     estimator.end_sample()  # past refit_samples: no refit
-    assert estimator.threshold == 0.7
+    assert estimator.threshold == before
 
 
 def test_adaptive_threshold_is_estimated_while_decoding(copy_model):
@@ -217,44 +250,15 @@ def test_adaptive_threshold_is_estimated_while_decoding(copy_model):
         thresholds.append(stats["adaptive_threshold"])
         seen.append(len(copy_model.threshold_estimator.confidences))
     estimator = copy_model.threshold_estimator
-    assert estimator.samples_seen == 6 and len(estimator.confidences) > 0
-    # each sample's threshold is the refit on the observations up to it, recomputed independently
-    expected, refits = 0.5, 0
+    assert estimator.samples_seen == 6 and len(estimator.confidences) > 0 and estimator.level == 0.4
+    # each sample's threshold is FREE's refit on the observations up to it, recomputed independently
+    expected = 0.5
     for n, threshold in zip(seen, thresholds):
-        value = refit_by_hand(estimator.confidences[:n], estimator.agreements[:n], 0.9)
-        if value is not None:
-            expected, refits = value, refits + 1
-        assert threshold == pytest.approx(expected, abs=1e-9)
-    assert refits > 0
+        if n:
+            expected = frees_threshold(estimator.confidences[:n], estimator.agreements[:n], 0.4, initial=expected)
+        assert threshold == pytest.approx(expected, abs=1e-12)
+    assert len(set(thresholds)) > 1 or thresholds[-1] != 0.5, "the estimate never moved: the check would be weak"
     copy_model.threshold_estimator = None
-
-
-def refit_by_hand(confidences, agreements, level):
-    """The estimator's refit from its definition, with numpy moments and scipy's Beta density,
-    scanning the same grid from the top; None where the mixture is not identifiable."""
-    import numpy as np
-    from scipy.stats import beta
-
-    values, labels = np.array(confidences), np.array(agreements, dtype=bool)
-    parameters = []
-    for part in (values[labels], values[~labels]):
-        if part.size < 2:
-            return None
-        mean, var = part.mean(), part.var(ddof=1)
-        if not 0 < var < mean * (1 - mean):
-            return None
-        common = mean * (1 - mean) / var - 1
-        parameters.append((mean * common, (1 - mean) * common))
-    prior = labels.mean()
-    grid = np.linspace(1e-4, 1 - 1e-4, 2001)
-    agree = prior * beta.pdf(grid, *parameters[0])
-    posterior = agree / (agree + (1 - prior) * beta.pdf(grid, *parameters[1]))
-    threshold = 1.0
-    for c, p in zip(grid[::-1], posterior[::-1]):
-        if p < level:
-            break
-        threshold = c
-    return threshold
 
 
 def test_after_its_last_refit_the_estimator_is_not_fed_and_decoding_is_unchanged(copy_model):
@@ -306,3 +310,24 @@ def test_block_avg_free_counts_shallow_tokens_k_and_deep_tokens_l_while_decoding
     free = (SHALLOW * stats["shallow_tokens"] + L * stats["deep_tokens"]) / stats["tokens"]
     assert stats["block_avg_free"] == pytest.approx(free)
     assert stats["block_avg"] > stats["block_avg_free"]  # FREE leaves the recomputed positions out
+
+
+@pytest.mark.parametrize("change", [dict(adapt_threshold_level=0.7), dict(adapt_threshold_samples=7),
+                                    dict(shallow2deep_conf_threshold=0.6), dict(shallow_exit_layer=2),
+                                    dict(shallow2deep_conf_type="state")])
+def test_a_call_with_other_adaptive_settings_starts_a_fresh_estimator(copy_model, change):
+    copy_model.threshold_estimator = None
+    flags = free_flags(0.5, use_adapt_threshold=True)
+    inputs = copy_inputs(9, count=3)
+    for input_ids in inputs[:2]:
+        decode(copy_model, input_ids, **flags)
+    first = copy_model.threshold_estimator
+    assert first.samples_seen == 2
+    decode(copy_model, inputs[2], **flags)  # the same settings: the same estimator goes on
+    assert copy_model.threshold_estimator is first and first.samples_seen == 3
+    decode(copy_model, inputs[2], **dict(flags, **change))
+    fresh = copy_model.threshold_estimator
+    assert fresh is not first and fresh.samples_seen == 1
+    assert fresh.level == change.get("adapt_threshold_level", 0.4)
+    assert fresh.refit_samples == change.get("adapt_threshold_samples", 300)
+    copy_model.threshold_estimator = None

@@ -54,6 +54,33 @@ def test_any_numeric_flops_figure_is_summed_and_averaged_per_sample():
     assert "flops_layers" not in out  # only numbers are summed
 
 
+def test_every_counter_a_step_declares_is_summed_over_calls():
+    from models.results import METHOD_COUNTS, RowResult, merge_rows
+    from models.self_speculation import SelfSpeculativeStep
+    from models.shallow_deep import ShallowDeepStep
+
+    totals = ExitStatsTotals()
+    for step in (ShallowDeepStep, SelfSpeculativeStep):
+        assert step.counted in METHOD_COUNTS.values()
+        for _ in range(2):
+            row = RowResult(tokens=[0, 5], exit_layers=[2], block_runs=[1, 1])
+            row.counts.update({name: 3 for name in step.counted})
+            totals.add(merge_rows([row], 2, counted=step.counted))
+    out = totals.metrics()
+    for names in METHOD_COUNTS.values():
+        for name in names:
+            assert out[name] == 6, name
+
+
+def test_a_counter_no_step_declares_is_an_error_not_dropped():
+    from models.results import RowResult, merge_rows
+
+    row = RowResult(tokens=[0, 5], exit_layers=[2], block_runs=[1, 1])
+    row.counts["new_counter"] += 1
+    with pytest.raises(ValueError, match="new_counter"):
+        merge_rows([row], 2, counted=("rollbacks",))
+
+
 def test_results_files_merge_and_prefix(tmp_path):
     out = str(tmp_path)
     save_results(out, "train", {"train_loss": 1.5, "epoch": 2.0})

@@ -403,3 +403,92 @@ def test_training_and_deploy_models_agree_on_the_meta_head(flags, has_head):
     assert hasattr(TrainT5ForConditionalGeneration(config), "cm_head") is has_head
     assert hasattr(DeployT5ForConditionalGeneration(config), "cm_head") is has_head
     assert deploying_t5._uses_meta_head is mt.uses_meta_head  # one function, both sides
+
+
+@pytest.mark.parametrize("loss_fn", ["shallowdeep_kl_last", "ce"])
+def test_train_mode_heads_read_dropout_of_the_normed_state_as_free(loss_fn):
+    """In train mode, FREE applies the decoder's dropout to norm(h_k) before the shallow head, as
+    HF does before the last head. Re-derived with the same seed: HF's forward consumes the same
+    random draws, then each intermediate state's dropout mask is the next draw."""
+    import torch.nn.functional as F
+    from transformers import T5ForConditionalGeneration
+
+    extra = dict(shallow_exit_layer=2, distill_layer_alpha=0.0) if loss_fn.startswith("shallowdeep") else {}
+    model = train_model(output_hidden_states_decoder=True, intermediate_loss_fn=loss_fn, **extra).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    inputs = batch()
+    torch.manual_seed(11)
+    loss = float(model(**inputs).loss)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        out = T5ForConditionalGeneration.forward(model, **inputs, output_hidden_states=True, return_dict=True)
+        L = model.config.num_decoder_layers
+        layers = [2] if loss_fn.startswith("shallowdeep") else list(range(1, L))
+        logits = {}
+        for layer in layers:  # the loss draws the intermediate states' masks in this order
+            normed = F.dropout(model.decoder.final_layer_norm(out.decoder_hidden_states[layer]), 0.5, training=True)
+            logits[layer] = model.lm_head(normed * model.config.d_model ** -0.5)
+        if loss_fn == "ce":
+            expected = mt.ce_loss([logits[layer] for layer in layers] + [out.logits], inputs["labels"])
+        else:
+            expected = mt.shallow_deep_ce(logits[2], out.logits, inputs["labels"], 2, L)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    torch.manual_seed(11)  # and it is not the loss without that dropout
+    with torch.no_grad():
+        out = T5ForConditionalGeneration.forward(model, **inputs, output_hidden_states=True, return_dict=True)
+        plain = [output_logits(model, out.decoder_hidden_states[layer]) for layer in layers]
+        if loss_fn == "ce":
+            plain = mt.ce_loss(plain + [out.logits], inputs["labels"])
+        else:
+            plain = mt.shallow_deep_ce(plain[0], out.logits, inputs["labels"], 2, L)
+    assert loss != pytest.approx(float(plain), rel=1e-3)
+
+
+def frees_meta_checkpoint(path):
+    """A checkpoint as FREE's trainer saves it after meta-head training: the training flags in
+    its config (exit_conf_type='meta' with use_early_exit=False) and a bias-free meta head."""
+    from models.confidence import build_meta_head
+
+    model = train_model(output_hidden_states_decoder=True, train_meta_cm_head=True, seed=5).eval()
+    model.config.exit_conf_type, model.config.use_early_exit = "meta", False
+    torch.manual_seed(8)
+    model.cm_head = build_meta_head(model.config.d_model, bias=False)
+    with torch.no_grad():  # exit logit = -stay logit: confidences spread around 0.5
+        model.cm_head[2].weight[1] = -model.cm_head[2].weight[0]
+    model.save_pretrained(path)
+    return model
+
+
+def test_frees_meta_checkpoint_loads_decodes_and_keeps_a_bias_free_head(tmp_path, caplog):
+    import logging
+
+    path = str(tmp_path / "free")
+    trained = frees_meta_checkpoint(path)
+    with caplog.at_level(logging.WARNING, logger="models.deploying_t5"):
+        model = DeployT5ForConditionalGeneration.from_pretrained(path).eval()
+    assert "exit_conf_type='meta'" in caplog.text and "train_meta_cm_head=True" in caplog.text
+    source = batch()["input_ids"][:2]
+    model.generate(input_ids=source, max_new_tokens=4)  # the saved flags no longer stop decoding
+    assert model.cm_head[0].bias is None and model.cm_head[2].bias is None
+    states = torch.randn(5, model.config.d_model)
+    with torch.no_grad():
+        assert torch.equal(model.cm_head(states), trained.cm_head(states))
+    # the user's flags are validated strictly and the bias-free head decodes with them
+    with pytest.raises(ValueError, match="only acts with use_early_exit"):
+        update_autoconfig(model.config, AdditionalArguments(exit_conf_type="meta"))
+    update_autoconfig(model.config, AdditionalArguments(use_early_exit=True, exit_conf_type="meta",
+                                                        exit_conf_threshold=0.3))
+    model.generate(input_ids=source, max_new_tokens=6)
+    assert any(e < 4 for row in model.exit_stats()["exit_layers"] for e in row)
+
+
+def test_a_config_without_decoder_start_token_starts_from_pad():
+    config = copy_config()
+    del config.decoder_start_token_id
+    assert not hasattr(config, "decoder_start_token_id") or config.decoder_start_token_id is None
+    model = DeployT5ForConditionalGeneration(config).eval()
+    model.generation_config.decoder_start_token_id = None
+    out = model.generate(input_ids=batch()["input_ids"][:1], max_new_tokens=3)
+    assert out[0, 0] == config.pad_token_id

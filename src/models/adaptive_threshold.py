@@ -1,11 +1,29 @@
 """FREE's adaptive threshold estimator: a two-component Beta mixture over shallow confidences.
 
 Each observation is a shallow-layer confidence labelled by whether the shallow prediction agreed
-with the deep one (seen in the parallel deep passes). The labels are known, so each component is
-fitted to its own observations (Beta by the method of moments) and the mixing weight is the
-agreement rate. The threshold is the lowest confidence above which the posterior of the "agrees"
-component stays at or above the level zeta. The estimate is refitted after each of the first samples and
-then kept.
+with the deep one (seen in the parallel deep passes). As FREE's `BetaMixture1D.fit(x, y)` then
+`predict_proba(0.3, 0.9)` compute it:
+
+- confidences are clipped to [1e-4, 1 - 1e-4];
+- responsibilities are the one-hot labels with entries at or below 1e-4 raised to 1e-4 and each
+  observation's pair renormalised (so each component gives every observation of the other class a
+  weight of about 5e-4);
+- each component is a Beta fitted by weighted moments with the population variance:
+  alpha = m (m (1 - m) / s2 - 1), beta = alpha (1 - m) / m;
+- on FREE's grid of 10 points evenly over [0.3, 0.9], a point passes when
+  pdf_i / (pdf_i + pdf_other) > zeta, i the component with the higher mean (no mixing weights);
+  with P passing points the threshold is grid[N - P], the index clipped to [0, N - 1].
+
+Component i is the "agrees" one whenever its mean is the higher, as on any useful shallow layer.
+Where "disagrees" has the higher mean we do as FREE does and use that component's ratio: the
+threshold then counts the points where disagreeing is the likelier, an unusual fit reported as
+it is rather than patched.
+
+One difference, where FREE's arithmetic breaks: when a component's weighted variance is 0 (all
+observations equal, e.g. a single one) FREE divides by zero and its NaN densities give 0.9; we
+keep the previous threshold until the observations determine both Betas.
+
+The estimate is refitted after each of the first `refit_samples` samples and then kept.
 """
 
 import math
@@ -13,19 +31,26 @@ from typing import List, Optional, Tuple
 
 import torch
 
-EPSILON = 1e-4  # keeps confidences of exactly 0 or 1 inside the Beta's support
-GRID = torch.linspace(EPSILON, 1 - EPSILON, 2001, dtype=torch.float64)
+EPSILON = 1e-4  # keeps confidences of exactly 0 or 1 inside the Beta's support; FREE's floor of responsibilities
+GRID = torch.linspace(0.3, 0.9, 10, dtype=torch.float64)  # FREE's predict_proba(0.3, 0.9), lookup_resolution 10
 
 
-def fit_beta(values: torch.Tensor) -> Optional[Tuple[float, float]]:
-    """Method-of-moments Beta parameters, or None when the values do not determine them."""
-    if values.numel() < 2:
+def responsibilities(labels: torch.Tensor) -> torch.Tensor:
+    """(2, n) weights: row 1 the "agrees" component. One-hot labels, floored at EPSILON, each
+    column renormalised (FREE's smoothed supervised responsibilities)."""
+    onehot = torch.stack([~labels, labels]).double()
+    weights = onehot.clamp(min=EPSILON)
+    return weights / weights.sum(0)
+
+
+def fit_beta_weighted(values: torch.Tensor, weights: torch.Tensor) -> Optional[Tuple[float, float]]:
+    """Beta parameters by weighted moments (population variance), or None when the variance is 0."""
+    mean = float((weights * values).sum() / weights.sum())
+    var = float((weights * (values - mean) ** 2).sum() / weights.sum())
+    if not var > 0:
         return None
-    mean, var = values.mean().item(), values.var().item()
-    if var <= 0 or var >= mean * (1 - mean):
-        return None
-    common = mean * (1 - mean) / var - 1
-    return mean * common, (1 - mean) * common
+    alpha = mean * (mean * (1 - mean) / var - 1)
+    return alpha, alpha * (1 - mean) / mean
 
 
 def beta_log_pdf(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
@@ -33,22 +58,15 @@ def beta_log_pdf(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
     return log_norm + (a - 1) * torch.log(x) + (b - 1) * torch.log1p(-x)
 
 
-def posterior_threshold(agree: Tuple[float, float], disagree: Tuple[float, float], prior: float,
-                        level: float) -> float:
-    """Lowest confidence c such that the posterior P(agree | c') >= `level` for every c' >= c
-    (on the grid); 1.0 if the posterior at the top of the grid is below `level`.
-
-    Read from the top, as FREE's estimator counts passing points: when the "agrees" Beta has
-    a < 1 its density, and so the posterior, is high near confidence 0 too, and the lowest
-    passing confidence would be ~0, letting every token exit shallow."""
-    log_agree = math.log(prior) + beta_log_pdf(GRID, *agree)
-    log_disagree = math.log(1 - prior) + beta_log_pdf(GRID, *disagree)
-    posterior = torch.sigmoid(log_agree - log_disagree)
-    failing = (posterior < level).nonzero()
-    if failing.numel() == 0:
-        return float(GRID[0])
-    last_failing = int(failing[-1, 0])
-    return float(GRID[last_failing + 1]) if last_failing + 1 < GRID.numel() else 1.0
+def grid_threshold(disagree: Tuple[float, float], agree: Tuple[float, float], level: float) -> float:
+    """FREE's lookup: count the grid points where the higher-mean component's likelihood ratio
+    exceeds `level`; the threshold is grid[N - count], clipped to the grid."""
+    components = [disagree, agree]
+    i = 1 if agree[0] / sum(agree) > disagree[0] / sum(disagree) else 0  # argmax of the means; a tie takes 0, as numpy's
+    mine, other = beta_log_pdf(GRID, *components[i]), beta_log_pdf(GRID, *components[1 - i])
+    passing = int((torch.sigmoid(mine - other) > level).sum())  # pdf_i / (pdf_i + pdf_o), computed in logs
+    n = GRID.numel()
+    return float(GRID[min(max(0, n - passing), n - 1)])
 
 
 class BetaMixtureThreshold:
@@ -59,6 +77,7 @@ class BetaMixtureThreshold:
         self.samples_seen = 0
         self.confidences: List[float] = []
         self.agreements: List[bool] = []
+        self.settings: Optional[tuple] = None  # the decoding settings it is fitted under (set by its user)
 
     @property
     def collecting(self) -> bool:
@@ -76,12 +95,11 @@ class BetaMixtureThreshold:
             self.refit()
 
     def refit(self) -> None:
-        values = torch.tensor(self.confidences, dtype=torch.float64)
-        labels = torch.tensor(self.agreements, dtype=torch.bool)
-        if labels.all() or not labels.any():
-            return  # one class only: the mixture is not identifiable yet
-        agree, disagree = fit_beta(values[labels]), fit_beta(values[~labels])
-        if agree is None or disagree is None:
+        if not self.confidences:
             return
-        prior = labels.double().mean().item()
-        self.threshold = posterior_threshold(agree, disagree, prior, self.level)
+        values = torch.tensor(self.confidences, dtype=torch.float64)
+        weights = responsibilities(torch.tensor(self.agreements, dtype=torch.bool))
+        disagree, agree = fit_beta_weighted(values, weights[0]), fit_beta_weighted(values, weights[1])
+        if agree is None or disagree is None:
+            return  # the observations do not determine both Betas yet
+        self.threshold = grid_threshold(disagree, agree, self.level)

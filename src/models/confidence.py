@@ -54,13 +54,17 @@ def meta_confidence(meta_head: torch.nn.Sequential, normed_hidden: torch.Tensor)
     return F.softmax(_wide(scores), dim=-1)[..., 1]
 
 
-def build_meta_head(d_model: int) -> torch.nn.Module:
-    """The meta classifier: a small MLP on the normalised hidden state giving [stay, exit] logits."""
+def build_meta_head(d_model: int, bias: bool = True) -> torch.nn.Module:
+    """The meta classifier: a small MLP on the normalised hidden state giving [stay, exit] logits
+    (FREE's has no biases; ours are trained with them)."""
     return torch.nn.Sequential(
-        torch.nn.Linear(d_model, d_model),
+        torch.nn.Linear(d_model, d_model, bias=bias),
         torch.nn.ReLU(),
-        torch.nn.Linear(d_model, 2),
+        torch.nn.Linear(d_model, 2, bias=bias),
     )
+
+
+META_HEAD_BIASES = ("cm_head.0.bias", "cm_head.2.bias")
 
 
 # ----- contrastive measures (the fork's additions) -------------------------------------------

@@ -14,13 +14,14 @@ one call with other flags and leaves the config as it is.
 """
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
 from transformers import T5ForConditionalGeneration
 
 from models.architectures import describe
-from models.confidence import build_meta_head
+from models.confidence import META_HEAD_BIASES, build_meta_head
 from models.adaptive_threshold import BetaMixtureThreshold
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
 from models.flops import Shape, encoder_flops
@@ -29,8 +30,12 @@ from models.results import TIMED_COMPONENTS, merge_rows
 from models.sampling import Sampler, SamplingConfig
 from models.self_speculation import SelfSpeculativeStep, speculation_rates
 from models.shallow_deep import ShallowDeepStep
-from util.additional_args import AdditionalArguments, uses_parallel_decoding, validate_additional_args
+from util.additional_args import (AdditionalArguments, normalise_saved_flags, uses_parallel_decoding,
+                                  validate_additional_args)
 from util.additional_args import uses_meta_head as _uses_meta_head
+
+
+logger = logging.getLogger(__name__)
 
 
 class EarlyExitGenerationMixin:
@@ -40,8 +45,32 @@ class EarlyExitGenerationMixin:
     def _init_early_exit(self, config) -> None:
         if _uses_meta_head(config):
             self.cm_head = build_meta_head(config.hidden_size)
+        ignored = normalise_saved_flags(config)  # after the head: a meta-head checkpoint keeps its head
+        if ignored:
+            logger.warning("the model's config carries training-time flags that do not act in decoding: ignored %s",
+                           ", ".join(ignored))
         self._exit_stats = {}
         self.threshold_estimator = None  # FREE's adaptive threshold, kept across generate calls
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """HF's from_pretrained; a meta head saved without biases (FREE trains it with
+        bias=False) is built bias-free, so that it computes what was trained."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [key for key in info["missing_keys"] if key in META_HEAD_BIASES]
+        if missing and getattr(model, "cm_head", None) is not None:
+            if len(missing) != len(META_HEAD_BIASES):
+                raise ValueError(f"the checkpoint's meta head lacks {missing} but has the other bias: not a head "
+                                 "this model can build.")
+            head = build_meta_head(model.config.hidden_size, bias=False).to(model.cm_head[0].weight)
+            with torch.no_grad():
+                for j in (0, 2):
+                    head[j].weight.copy_(model.cm_head[j].weight)
+            model.cm_head = head
+            info["missing_keys"] = [key for key in info["missing_keys"] if key not in META_HEAD_BIASES]
+            logger.info("the checkpoint's meta head has no biases (as FREE trains it): built without them.")
+        return (model, info) if wants_info else model
 
     def exit_args(self, overrides: Optional[AdditionalArguments] = None) -> AdditionalArguments:
         """The validated flags a generate call decodes with: `overrides`, else the config's."""
@@ -63,17 +92,21 @@ class EarlyExitGenerationMixin:
     def _special_tokens(self):
         """(decoder start token or None for a decoder-only model, padding token, end tokens)."""
         gen, cfg = self.generation_config, self.config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
+
+        def token(name):  # an older config may lack the attribute altogether
+            value = getattr(gen, name, None)
+            return value if value is not None else getattr(cfg, name, None)
+
+        pad, eos = token("pad_token_id"), token("eos_token_id")
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-        pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(cfg, "pad_token_id", None)
         if not describe(self).encoder_decoder:  # HF pads finished rows with the first end token
             first_eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             pad = pad if pad is not None else first_eos
             return None, int(pad if pad is not None else 0), eos_ids
-        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
-        if start is None:
-            start = cfg.pad_token_id
-        return int(start), int(pad if pad is not None else 0), eos_ids
+        pad = pad if pad is not None else 0
+        start = token("decoder_start_token_id")
+        start = start if start is not None else pad  # T5 starts from its pad token
+        return int(start), int(pad), eos_ids
 
     @torch.inference_mode()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None,
@@ -131,30 +164,41 @@ class EarlyExitGenerationMixin:
         began = timer.now()
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
         free = args.use_shallow_deep and uses_parallel_decoding(args) and not trace
-        if free and args.use_self_speculation:
-            step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids,
-                                       sampling=do_sample)
-        elif free:
-            step = self._shallow_deep_step(args)
-        else:
-            step = None
-        if free and args.use_self_speculation:  # decoder-only: the prefill gives the full model's first token
-            first_policy = ExitPolicy(num_layers, num_layers)
-        elif free:  # FREE's rule at the shallow layer, with the step's (adaptive) threshold
-            first_policy = dataclasses.replace(policy, threshold=step.threshold)
-        else:
-            first_policy = policy
-        decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
-                               lazy_propagation=lazy_propagation, step=step, first_policy=first_policy,
-                               sampler=Sampler(sampling, input_ids.shape[0], generator) if do_sample else None)
-        rows = decoder.run(input_ids, attention_mask, start, eos_ids)
-        if free and args.use_adapt_threshold:  # refit as if the rows had come one after another
-            for row in rows:
+
+        def decode(ids, mask):
+            scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
+            if free and args.use_self_speculation:
+                step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids,
+                                           sampling=do_sample)
+            elif free:
+                step = self._shallow_deep_step(args)
+            else:
+                step = None
+            if free and args.use_self_speculation:  # decoder-only: the prefill gives the full model's first token
+                first_policy = ExitPolicy(num_layers, num_layers)
+            elif free:  # FREE's rule at the shallow layer, with the step's (adaptive) threshold
+                first_policy = dataclasses.replace(policy, threshold=step.threshold)
+            else:
+                first_policy = policy
+            sampler = Sampler(sampling, ids.shape[0], generator) if do_sample else None
+            decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
+                                   lazy_propagation=lazy_propagation, step=step, first_policy=first_policy,
+                                   sampler=sampler)
+            return decoder.run(ids, mask, start, eos_ids), step
+
+        if free and args.use_adapt_threshold:
+            # the estimate moves after every sample: rows decode one after another, each unpadded
+            # at the estimate the rows before it left, exactly as at batch size 1
+            rows = []
+            for ids, mask in zip(input_ids, attention_mask):
+                (row,), step = decode(ids[mask.bool()][None], mask[mask.bool()][None])
                 for confidence, agrees in row.observations:
                     self.threshold_estimator.observe(confidence, agrees)
                 self.threshold_estimator.end_sample()
+                rows.append(row)
+        else:
+            rows, step = decode(input_ids, attention_mask)
         total = timer.now() - began
 
         width = max(len(row.tokens) for row in rows)
@@ -184,9 +228,13 @@ class EarlyExitGenerationMixin:
         """FREE's step; the adaptive threshold's estimator lives on the model across calls."""
         threshold, observing = args.shallow2deep_conf_threshold, False
         if args.use_adapt_threshold:
-            if self.threshold_estimator is None:
+            # an estimate belongs to the settings it was fitted under: other ones start afresh
+            settings = (args.shallow2deep_conf_threshold, args.adapt_threshold_level, args.adapt_threshold_samples,
+                        args.shallow_exit_layer, args.shallow2deep_conf_type)
+            if self.threshold_estimator is None or self.threshold_estimator.settings not in (None, settings):
                 self.threshold_estimator = BetaMixtureThreshold(args.shallow2deep_conf_threshold,
                                                                 args.adapt_threshold_level, args.adapt_threshold_samples)
+            self.threshold_estimator.settings = settings
             threshold, observing = self.threshold_estimator.threshold, self.threshold_estimator.collecting
         return ShallowDeepStep(threshold, rollback_threshold=args.rollback_conf_threshold, observing=observing,
                                causal=args.parallel_causal_mask)

@@ -445,7 +445,8 @@ class EarlyExitTrainingMixin:
 
     def _meta_loss(self, out, labels: torch.Tensor) -> torch.Tensor:
         L = self._exit_num_layers()
-        logits = [self._layer_logits(out, layer) for layer in range(1, L + 1)]
+        # the backbone ran in eval mode: its heads without dropout, as at decoding
+        logits = [self._exit_logits(self._block_output(out, layer)) for layer in range(1, L)] + [out.logits]
         states = [self._exit_norm(self._block_output(out, layer)) for layer in range(1, L)]
         loss, _ = meta_head_loss(self.cm_head, states, logits, labels)
         return loss

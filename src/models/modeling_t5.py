@@ -42,6 +42,16 @@ class EarlyExitTrainingMixin(_SharedMixin):
     def _exit_blocks(self):
         return self.decoder.block
 
+    def _layer_logits(self, out, layer: int) -> torch.Tensor:
+        """z_l = W s(dropout(norm(h_l))): as FREE, the dropout HF applies after the final norm
+        before the last head is applied before every intermediate head too (train mode only)."""
+        if layer == self._exit_num_layers():
+            return out.logits  # the model's own head on dropout(norm(h_L))
+        normed = self._normed_state(out, layer)
+        if self.config.scale_decoder_outputs:
+            normed = normed * self.model_dim ** -0.5
+        return self.lm_head(normed)
+
 
 class TrainT5ForConditionalGeneration(EarlyExitTrainingMixin, T5ForConditionalGeneration):
     """HF's T5 whose `loss` includes the intermediate layers chosen by the config's flags."""

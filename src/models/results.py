@@ -8,6 +8,14 @@ from models.flops import FlopCounter
 
 # per generate call; besides these, the front: "encoder" (encoder-decoder) or "prefill" (decoder-only)
 TIMED_COMPONENTS = ("blocks", "confidence", "head", "propagation")
+# The one list of the methods' work counters: a step declares its own by name from here
+# (`counted`), merge_rows sums them per call and tasks.runner.ExitStatsTotals over calls.
+METHOD_COUNTS = {
+    "shallow_deep": ("parallel_tokens", "rollbacks"),
+    "self_speculation": ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications"),
+}
+# exit_stats() figures summed over calls: FREE's token split (from the exit layers) and every counter
+SUMMED_COUNTS = ("shallow_tokens", "deep_tokens") + tuple(name for names in METHOD_COUNTS.values() for name in names)
 
 
 @dataclass
@@ -53,6 +61,9 @@ def merge_rows(rows: List[RowResult], num_layers: int, shallow_layer: Optional[i
     if shallow_layer is not None:  # FREE's counts, of the tokens kept (rolled-back ones are gone)
         stats["shallow_tokens"] = exits.count(shallow_layer)
         stats["deep_tokens"] = exits.count(num_layers)
+    undeclared = {name for row in rows for name in row.counts} - set(counted)
+    if undeclared:  # a counter outside the step's declared list would be dropped silently
+        raise ValueError(f"counters {sorted(undeclared)} are not declared in the step's `counted` (models.results.METHOD_COUNTS).")
     for name in counted:  # the method's work counts, summed over rows
         stats[name] = sum(row.counts[name] for row in rows)
     per_row = []

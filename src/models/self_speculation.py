@@ -31,10 +31,11 @@ import torch
 
 from models.decode_loop import BatchDecoder, Emit, Replace, output_logits
 from models.flops import output_head_flops
+from models.results import METHOD_COUNTS
 from models.sampling import speculative_accept
 from models.shallow_deep import deep_pass, shallow_pass
 
-COUNTS = ("drafted_tokens", "accepted_tokens", "verify_passes", "final_verifications")
+COUNTS = METHOD_COUNTS["self_speculation"]
 
 
 # ----- draft / verify / accept --------------------------------------------------------------------
@@ -117,8 +118,12 @@ class SelfSpeculativeStep:
                 outcomes[i] = Emit(token, k)
                 del verifying[i]
         if verifying:
+            mark = timer.add("head", mark)
             self._verify(decoder, list(verifying), verifying, positions, outcomes, k, L)
-        timer.add("head", mark)
+            # the deep pass and its acceptance are charged to the blocks, as FREE's step charges its pass
+            timer.add("blocks", mark)
+        else:
+            timer.add("head", mark)
         return outcomes
 
     def _draft(self, decoder, checked: torch.Tensor, rows: List[int], which: List[int], positions: List[int]):

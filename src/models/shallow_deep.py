@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 from models.decode_loop import BatchDecoder, Emit, Replace, output_logits
 from models.flops import output_head_flops
+from models.results import METHOD_COUNTS
 
 
 class ShallowDeepStep:
     """One token for every live row under FREE's shallow-deep policy."""
 
-    counted = ("parallel_tokens", "rollbacks")  # summed into exit_stats
+    counted = METHOD_COUNTS["shallow_deep"]  # summed into exit_stats
 
     def __init__(self, threshold: float, rollback_threshold: Optional[float] = None, observing: bool = False,
                  causal: bool = True):

@@ -29,11 +29,12 @@ def pooled_trace(layer_traces: List[dict]) -> LayerTrace:
 def static_exit_metrics(evaluate: Callable[[AdditionalArguments], dict], model, metric: str
                         ) -> Dict[int, float]:
     """The task metric of a static exit at every decoder layer; each evaluation decodes with its
-    own flags (generate's exit_args), the model's config is never changed."""
+    own flags (generate's exit_args), the model's config is never changed. None on processes
+    other than 0, which decode their shard but compute no metric."""
     results = {}
     for layer in tqdm(range(1, model.config.num_decoder_layers + 1), desc="static exit per layer"):
         static = AdditionalArguments(deploy_scenario=True, static_exit_layer=layer)
-        results[layer] = evaluate(static)[metric]
+        results[layer] = evaluate(static).get(metric)
     return results
 
 

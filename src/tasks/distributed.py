@@ -1,9 +1,10 @@
 """Evaluation and sweeps spread over the processes of `torchrun` / `accelerate launch`.
 
-Evaluation: each process decodes one contiguous shard of the evaluation set, on its own device;
-the texts, lengths, exit layers and every generate call's exit statistics (with its rows' sample
-indices) are gathered to all processes and put in dataset order, so the metrics equal one
-process's. The pipeline (runner.run) lets process 0 alone write.
+Evaluation: each process decodes one contiguous shard of the evaluation set (the samples split
+evenly, batched inside each shard), on its own device; the texts, lengths, exit layers and every
+generate call's exit statistics (with its rows' sample indices) are gathered to all processes
+and put in dataset order. Process 0 alone computes the task metrics, once, on the gathered
+predictions (they equal one process's), and alone writes.
 
     texts, lengths, exits, per_process = generate_in_shards(generate, sources, batch_size, stats)
 
@@ -73,14 +74,13 @@ def check_split_sizes(processes: int, sizes: Dict[str, int]) -> None:
 
 
 # ----- evaluation -------------------------------------------------------------------------------------
-def shard_bounds(num_items: int, batch_size: int, rank: int, size: int) -> Tuple[int, int]:
-    """[start, stop) of process `rank`'s contiguous shard: whole batches, the first processes one
-    batch more when they do not divide evenly (a process may get none)."""
-    batches = -(-num_items // batch_size)
-    per, extra = divmod(batches, size)
-    first = rank * per + min(rank, extra)
-    last = first + per + (1 if rank < extra else 0)
-    return min(first * batch_size, num_items), min(last * batch_size, num_items)
+def shard_bounds(num_items: int, rank: int, size: int) -> Tuple[int, int]:
+    """[start, stop) of process `rank`'s contiguous shard: the samples split evenly, the first
+    processes one more when they do not divide (at least one each where size <= num_items, which
+    check_split_sizes ensures)."""
+    per, extra = divmod(num_items, size)
+    start = rank * per + min(rank, extra)
+    return start, start + per + (1 if rank < extra else 0)
 
 
 class _Calls(list):
@@ -104,7 +104,7 @@ def generate_in_shards(generate: Callable, sources: List[str], batch_size: int, 
         texts, lengths, exits = generate(sources, batch_size=batch_size, stats=stats,
                                          show_progress=show_progress, **kwargs)
         return texts, lengths, exits, {}
-    start, stop = shard_bounds(len(sources), batch_size, rank, processes)
+    start, stop = shard_bounds(len(sources), rank, processes)
     calls = _Calls() if stats is not None else None
     desc = f"Generating, process {rank} of {processes}"
     if rank == 0:
@@ -122,7 +122,7 @@ def generate_in_shards(generate: Callable, sources: List[str], batch_size: int, 
     exits = [e for shard in shards for e in shard["exits"]] if stats is not None else None
     if stats is not None:
         for r, shard in enumerate(shards):
-            offset = shard_bounds(len(sources), batch_size, r, processes)[0]
+            offset = shard_bounds(len(sources), r, processes)[0]
             for call, indices in shard["calls"]:
                 stats.add(call, [offset + i for i in indices])
     per_process = {"processes": processes,

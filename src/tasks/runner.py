@@ -6,8 +6,8 @@ Order matters: every check of arguments, output directory, tokenizer, config, fl
 happens before the model is loaded, so bad input fails in seconds with a clear message.
 Training uses HF's Seq2SeqTrainer; evaluation is our own loop: batched HF `generate` for
 quality, or (`--deploy_scenario True`) the early-exit decoder, `--per_device_eval_batch_size` rows
-at once (1 by default there; results identical at any size), which also reports speed and exit
-statistics.
+at once (1 by default there; the same tokens and exit layers at any size, up to summation order),
+which also reports speed and exit statistics.
 """
 
 import functools
@@ -37,8 +37,9 @@ from models.gguf_cache import check_gguf_file, gguf_path, resolve_model_path
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
+from models.results import SUMMED_COUNTS
 from models.sampling import SamplingConfig
-from models.self_speculation import COUNTS as SPECULATION_COUNTS, speculation_rates
+from models.self_speculation import speculation_rates
 from tasks import distributed
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_PROBE = "The river flows past the mill."
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-SUMMED_COUNTS = ("shallow_tokens", "deep_tokens", "parallel_tokens", "rollbacks") + SPECULATION_COUNTS
 # flags that change how tokens are decoded: only the deploy decoder honours them
 DECODING_FLAGS = ("static_exit_layer", "use_early_exit", "use_shallow_deep", "type_vocab_reduct", "count_flops")
 # traces only the deploy decoder records
@@ -427,7 +427,9 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
     runtime = time.perf_counter() - began
 
     references = [task.references(r, data_args) for r in rows] if with_references else None
-    metrics = task.compute_metrics(texts, references) if with_references else {}
+    # once, on the gathered predictions: only process 0 reports them (the others' are not written)
+    scoring = with_references and distributed.process_index(training_args, alone) == 0
+    metrics = task.compute_metrics(texts, references) if scoring else {}
     metrics["gen_len"] = sum(lengths) / len(lengths)
     metrics["do_sample"] = bool(sampling)
     if sampling:

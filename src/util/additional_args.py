@@ -89,7 +89,7 @@ class AdditionalArguments:
     rollback_conf_threshold: Optional[float] = _flag(None, "Cross-entropy above which a shallow token is replaced by the deep one.")
     parallel_causal_mask: bool = _flag(True, "Use a causal mask in the parallel deep pass.")
     use_adapt_threshold: bool = _flag(False, "Estimate the shallow threshold on the fly with a Beta mixture.")
-    adapt_threshold_level: float = _flag(0.9, "zeta: posterior of 'shallow agrees with deep' that the adaptive threshold must reach, in (0, 1).")
+    adapt_threshold_level: float = _flag(0.4, "zeta: a grid point passes when the likelihood ratio of the shallow-agrees component is above it, in (0, 1) (FREE: 0.4).")
     adapt_threshold_samples: int = _flag(300, "The adaptive threshold is refitted after each of this many first samples.")
     use_self_speculation: bool = _flag(False, "Verify the shallow layer's tokens with one deep pass: output identical to the full model.")
     max_draft_tokens: int = _flag(2, "Self-speculation: a verification pass is forced after this many drafted tokens (>= 1).")
@@ -379,6 +379,41 @@ def decoder_layers(config) -> int:
     """L: the decoder's blocks (T5's decoder, or a decoder-only model's layers)."""
     layers = getattr(config, "num_decoder_layers", None)
     return layers if layers is not None else config.num_hidden_layers
+
+
+# Flags that act in training only: a checkpoint's config keeps the values it was trained with.
+TRAINING_FLAGS = ("output_hidden_states_decoder", "intermediate_loss_fn", "distill_layer_alpha",
+                  "do_layer_transformation", "train_meta_cm_head", "use_lora")
+
+
+def normalise_saved_flags(config) -> List[str]:
+    """Make a loaded checkpoint's config decodable; return what was ignored ("flag=value").
+
+    A config saved by training carries its training flags (FREE saves a meta-head checkpoint with
+    exit_conf_type='meta' and use_early_exit=False), which decoding does not read but validation
+    refuses. Only when the saved flags fail validation: training flags go back to their defaults,
+    and a confidence measure without its exit policy is cleared. Flags a user gives
+    (update_autoconfig, generate's exit_args) are still validated strictly."""
+    args = AdditionalArguments.from_config(config)
+    try:
+        validate_additional_args(args, decoder_layers(config))
+        return []
+    except ValueError:
+        pass
+    defaults, ignored = AdditionalArguments(), []
+    inert = list(TRAINING_FLAGS)
+    if not args.use_early_exit:
+        inert.append("exit_conf_type")
+    if not args.use_shallow_deep:
+        inert.append("shallow2deep_conf_type")
+    for name in inert:
+        if getattr(args, name) != getattr(defaults, name):
+            ignored.append(f"{name}={getattr(args, name)!r}")
+            setattr(args, name, getattr(defaults, name))
+    validate_additional_args(args, decoder_layers(config))  # anything else is a real inconsistency
+    for name in inert:
+        setattr(config, name, getattr(args, name))
+    return ignored
 
 
 def update_autoconfig(config, additional_args: AdditionalArguments, **kwargs):
