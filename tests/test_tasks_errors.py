@@ -222,8 +222,8 @@ def test_trace_flag_needs_deploy_scenario_instead_of_being_ignored(toy_model, tm
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
-def test_deploy_scenario_is_greedy(toy_model, tmp_path, good_file):
-    with pytest.raises(ValueError, match="--generation_num_beams=4 must be 1"):
+def test_deploy_scenario_refuses_beam_search(toy_model, tmp_path, good_file):
+    with pytest.raises(ValueError, match="--generation_num_beams=4: --deploy_scenario does not support beam search"):
         summarize(toy_model, good_file, tmp_path / "out", "--deploy_scenario", "True", "--generation_num_beams", "4")
 
 
