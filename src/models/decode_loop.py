@@ -12,7 +12,8 @@ at hand). With no exit the loop therefore reproduces HF's greedy `generate` toke
 
 A decoder-only model's prompt is prefilled at full depth, all positions at once, into the first
 cache slots (left padding masked); the first new token is decided by the exit rule over the
-prefill's states at the prompt's last position (`first_token`), every later token by the step.
+prefill's states at the prompt's last position (models.exit_step.first_token), every later token
+by the step.
 
 A batch decodes together, each row as if alone: its own position (FREE's rollback moves one row
 back while the others go on), its own relative position bias slice and key/value fill state per
@@ -52,7 +53,6 @@ from models.flops import (
     FlopCounter,
     cross_kv_flops,
     decoder_block_flops,
-    head_flops,
     output_head_flops,
     prefill_flops,
     skipped_block_flops,
@@ -239,7 +239,7 @@ class BatchDecoder:
     Every token step runs the live rows through the blocks; a row that exits leaves the running
     set at once, so the blocks after its exit layer run only the rows still there (gathered, not
     masked: see the module docstring), and a row that finished leaves the batch. `step` is the
-    per-token strategy: `exit_step` (full, static, CALM early exit, FREE without parallel
+    per-token strategy: models.exit_step.exit_step (full, static, CALM early exit, FREE without parallel
     decoding, traces), models.shallow_deep.ShallowDeepStep or
     models.self_speculation.SelfSpeculativeStep. The model's decoder is read through its
     architecture (models.architectures): the same loop serves encoder-decoder and decoder-only
@@ -253,7 +253,7 @@ class BatchDecoder:
 
     def __init__(self, model, policy: ExitPolicy, timer: ComponentTimer, max_new_tokens: int, scorer=None,
                  count_flops: bool = False, trace: bool = False, lazy_propagation: bool = True, step=None,
-                 first_policy: Optional[ExitPolicy] = None, sampler=None):
+                 first_policy: Optional[ExitPolicy] = None, sampler=None, first_step=None):
         self.model = model
         self.sampler = sampler  # models.sampling.Sampler, or None: greedy
         self.arch = arch = describe(model)
@@ -266,7 +266,8 @@ class BatchDecoder:
         self.shape = arch.shape() if count_flops else None
         self.tracing = trace
         self.lazy = lazy_propagation
-        self.step = step or exit_step
+        self.step = step  # one token step for every live row (models.exit_step.exit_step and the others)
+        self.first_step = first_step  # decoder-only: the step that reads the prefill (models.exit_step.first_token)
         self.num_layers = arch.num_layers
         self.windows = layer_windows(arch)
         self.device = model.lm_head.weight.device
@@ -419,7 +420,7 @@ class BatchDecoder:
         and the first new token is decided from the prefill's states (`first_token`)."""
         self.start(input_ids, attention_mask, start_token)
         done = []
-        step = self.step if self.arch.encoder_decoder else first_token
+        step = self.step if self.arch.encoder_decoder else self.first_step
         while self.live:
             outcomes = step(self)
             step = self.step
@@ -504,143 +505,3 @@ class BatchDecoder:
 
     def counters(self, local: List[int]):
         return [self.live[r].result.flops for r in local] if self.count_flops else None
-
-
-def first_token(decoder: BatchDecoder) -> list:
-    """Decoder-only: the first new token of every row, at the prompt's last position, by the exit
-    rule of `decoder.first_policy` over the states the prefill computed (every block ran there for
-    the prompt; the token is charged the blocks up to its exit layer, as any token)."""
-    prefilled = decoder.prefill_states
-    live = decoder.live
-
-    def layer(j: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
-        for r in rows.local:
-            live[r].result.block_runs[j] += 1
-        return prefilled[j + 1].index_select(0, rows.index)[:, None]
-
-    return exit_step(decoder, layer=layer, policy=decoder.first_policy)
-
-
-def exit_step(decoder: BatchDecoder, layer=None, policy: Optional[ExitPolicy] = None) -> list:
-    """One token for every live row under the exit policy: each row leaves after the first
-    checked layer whose confidence passes its threshold, or at the policy's last layer. With
-    traces every row runs all L layers and the trace records where it would have left.
-    `layer(j, hidden, rows)` gives the state after block j (default: run the block; the first
-    token of a decoder-only model reads the prefill's); `policy` defaults to the decoder's."""
-    policy = policy or decoder.policy
-    scorer, timer = decoder.scorer, decoder.timer
-    layer = layer or decoder.block
-    live = decoder.live
-    positions = [state.position for state in live]
-    thresholds = [policy.threshold_at(t, decoder.max_new_tokens) for t in positions]
-    rows = decoder.select(list(range(len(live))), positions, [1] * len(live))
-    tracer = LayerTracer(decoder, rows.local) if decoder.tracing else None
-    if scorer is not None:
-        scorer.start_step(decoder.counters(rows.local))
-    hidden = decoder.embed_inputs(rows)
-    outcomes = [None] * len(live)
-    would_exit = [None] * len(live)
-    # rows whose token is the output head's: (local rows, states (E, d), exit layer, JSD records),
-    # predicted together at the end of the step (a head per exit layer would read W each time)
-    for_head = []
-    last = policy.num_layers if tracer is not None else policy.last_layer
-    for j in range(last):
-        if decoder.lazy:
-            decoder.propagate(j, rows.local, rows.starts)
-        mark = timer.now()
-        previous, hidden = hidden, layer(j, hidden, rows)
-        mark = timer.add("blocks", mark)
-        leaving, confidences = [], None
-        if scorer is not None:
-            scorer.remember(j + 1, hidden)
-            if policy.checks(j + 1):
-                confidences = scorer.confidence(j + 1, hidden, previous)
-                leaving = [i for i, c in enumerate(confidences) if c > thresholds[rows.local[i]]]
-        if tracer is not None:
-            tracer.layer(j + 1, hidden, confidences)
-            for i in leaving:
-                if would_exit[rows.local[i]] is None:
-                    would_exit[rows.local[i]] = j + 1
-            timer.add("confidence", mark)
-            continue
-        if leaving:
-            leaving_index = torch.tensor(leaving, dtype=torch.long, device=decoder.device)
-            exiting = hidden.index_select(0, leaving_index)
-            if scorer.exits_read_output_head or decoder.sampler is not None:  # sampling: the full head
-                for_head.append(([rows.local[i] for i in leaving], exiting[:, 0], j + 1, None))
-            else:
-                tokens, jsd = scorer.predict(j + 1, hidden, leaving).tolist(), scorer.jsd_step
-                for i, token in zip(leaving, tokens):
-                    outcomes[rows.local[i]] = Emit(token, j + 1, jsd[i] if jsd is not None else None)
-            decoder.stack_states(rows.take(leaving), exiting)
-            gone = set(leaving)
-            staying = [i for i in range(len(rows.local)) if i not in gone]
-            if staying:
-                scorer.keep(staying)
-                index = torch.tensor(staying, dtype=torch.long, device=decoder.device)
-                hidden, previous = hidden.index_select(0, index), previous.index_select(0, index)
-            rows = rows.take(staying)
-        timer.add("confidence", mark)
-        if not rows.local:
-            break
-    mark = timer.now()
-    if rows.local:
-        jsd = scorer.jsd_step if scorer is not None else None
-        if tracer is not None:
-            tokens = tracer.finish(would_exit, policy.last_layer)
-            if decoder.sampler is not None:  # drawn from the last layer's distribution
-                tokens = decoder.sampler.sample(tracer.logits[-1], [live[r].row for r in rows.local])
-            for i, (r, token) in enumerate(zip(rows.local, tokens)):
-                outcomes[r] = Emit(token, policy.num_layers, jsd[i] if jsd is not None else None)
-        else:
-            for_head.append((rows.local, hidden[:, 0], policy.last_layer, jsd))
-            if policy.last_layer < policy.num_layers:  # static exit: later blocks need this state
-                decoder.stack_states(rows, hidden)
-    if for_head:
-        local = [r for group in for_head for r in group[0]]
-        tokens = iter(decoder.output_head(torch.cat([group[1] for group in for_head]), local).tolist())
-        for group_rows, _, exit_layer, jsd in for_head:
-            for i, r in enumerate(group_rows):
-                outcomes[r] = Emit(next(tokens), exit_layer, jsd[i] if jsd is not None else None)
-    timer.add("head", mark)
-    if not decoder.lazy:
-        for j in range(decoder.num_layers):
-            decoder.propagate(j, list(range(len(live))), [t + 1 for t in positions])
-    return outcomes
-
-
-class LayerTracer:
-    """plotting_logits: observes every layer of a token step and records, per row, each layer's
-    view of the final prediction (rank, confidence, max probability, agreement)."""
-
-    def __init__(self, decoder: BatchDecoder, local: List[int]):
-        self.decoder, self.local = decoder, local
-        self.logits, self.confidences = [], []
-
-    def layer(self, layer: int, hidden: torch.Tensor, confidences: Optional[List[float]]) -> None:
-        decoder = self.decoder
-        self.logits.append(output_logits(decoder.model, hidden)[:, 0])  # (R, V)
-        self.confidences.append(confidences if confidences is not None else [float("nan")] * len(self.local))
-        if decoder.count_flops:  # diagnostic heads below the last layer are confidence work
-            for r in self.local:
-                flops = decoder.live[r].result.flops
-                if layer < decoder.num_layers:
-                    flops.confidence += head_flops(decoder.shape, decoder.shape.vocab_size)
-                else:
-                    flops.blocks += output_head_flops(decoder.shape)
-
-    def finish(self, would_exit: List[Optional[int]], last_layer: int) -> List[int]:
-        """Record the step per row; returns the final layer's predictions."""
-        logits = torch.stack(self.logits, dim=1)  # (R, L, V)
-        final = logits[:, -1].argmax(-1)  # (R,)
-        ranks = (logits > logits.gather(2, final[:, None, None].expand(-1, logits.shape[1], 1))).sum(-1)
-        max_probs = logits.float().softmax(-1).max(-1).values
-        agrees = logits.argmax(-1) == final[:, None]
-        for i, r in enumerate(self.local):
-            trace = self.decoder.live[r].result.trace
-            trace["ranks"].append(ranks[i].tolist())
-            trace["confidences"].append([c[i] for c in self.confidences])
-            trace["max_probs"].append(max_probs[i].tolist())
-            trace["agrees"].append(agrees[i].tolist())
-            trace["exit_layers"].append(would_exit[r] or last_layer)
-        return final.tolist()

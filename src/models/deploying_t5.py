@@ -24,6 +24,7 @@ from models.architectures import describe
 from models.confidence import META_HEAD_BIASES, build_meta_head
 from models.adaptive_threshold import BetaMixtureThreshold
 from models.decode_loop import BatchDecoder, ComponentTimer, ExitPolicy
+from models.exit_step import exit_step, first_token
 from models.flops import Shape, encoder_flops
 from models.layer_scorer import LayerScorer
 from models.results import TIMED_COMPONENTS, merge_rows
@@ -174,7 +175,7 @@ class EarlyExitGenerationMixin:
             elif free:
                 step = self._shallow_deep_step(args)
             else:
-                step = None
+                step = exit_step
             if free and args.use_self_speculation:  # decoder-only: the prefill gives the full model's first token
                 first_policy = ExitPolicy(num_layers, num_layers)
             elif free:  # FREE's rule at the shallow layer, with the step's (adaptive) threshold
@@ -184,7 +185,7 @@ class EarlyExitGenerationMixin:
             sampler = Sampler(sampling, ids.shape[0], generator) if do_sample else None
             decoder = BatchDecoder(self, policy, timer, steps, scorer=scorer, count_flops=args.count_flops, trace=trace,
                                    lazy_propagation=lazy_propagation, step=step, first_policy=first_policy,
-                                   sampler=sampler)
+                                   sampler=sampler, first_step=first_token)
             return decoder.run(ids, mask, start, eos_ids), step
 
         if free and args.use_adapt_threshold:

@@ -85,7 +85,7 @@ from transformers import TrainerCallback
 from transformers import initialization as init
 from transformers.pytorch_utils import Conv1D
 
-from models.confidence import build_meta_head
+from models.confidence import _wide, build_meta_head
 from util.additional_args import (AdditionalArguments, early_exit_settings, layer_dropout_scale,
                                   uses_meta_head)
 
@@ -112,10 +112,6 @@ def token_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     mask = labels != IGNORE
     return values[mask].sum() / mask.sum().clamp(min=1)
 
-
-def _wide(values: torch.Tensor) -> torch.Tensor:
-    """At least float32 for the losses (bf16/fp16 widened, float64 kept)."""
-    return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

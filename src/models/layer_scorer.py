@@ -85,15 +85,11 @@ class LayerScorer:
         if self.kind in CONTRASTIVE:
             self.states[layer] = hidden
 
-    def _count(self, flops: List[int]) -> None:
+    def _count(self, value_of) -> None:
+        """Add value_of(shape, i) confidence FLOPs to running row i's counter (when counting)."""
         if self.counters is not None:
-            for counter, value in zip(self.counters, flops):
-                counter.confidence += value
-
-    def _count_each(self, value_of) -> None:
-        if self.counters is not None:
-            for counter in self.counters:
-                counter.confidence += value_of(counter.shape)
+            for i, counter in enumerate(self.counters):
+                counter.confidence += value_of(counter.shape, i)
 
     # ----- scoring ----------------------------------------------------------------------------
     def _score(self, layer: int, hidden: torch.Tensor) -> None:
@@ -102,7 +98,7 @@ class LayerScorer:
         reduced = self.reduced
         if reduced is None or not reduced.started:
             self.logits, self.reduced_scores = project(self.head, normed[:, 0]), False
-            self._count_each(lambda shape: head_flops(shape, self.weight.shape[0]))
+            self._count(lambda shape, i: head_flops(shape, self.weight.shape[0]))
             if reduced is not None:
                 reduced.start(layer, self.logits, self.weight)
             return
@@ -110,11 +106,7 @@ class LayerScorer:
             reduced.reorder(self.logits)  # order each retained set by the previous layer's scores
         sizes = reduced.sizes_at(layer, self.previous_confidence)
         self.logits, self.reduced_scores = reduced.logits(normed, sizes), True
-        self._count_each_size(sizes)
-
-    def _count_each_size(self, sizes: List[int]) -> None:
-        if self.counters is not None:
-            self._count([head_flops(c.shape, size) for c, size in zip(self.counters, sizes)])
+        self._count(lambda shape, i: head_flops(shape, sizes[i]))
 
     def confidence(self, layer: int, hidden: torch.Tensor, previous: torch.Tensor) -> List[float]:
         """The confidence of every running row after `layer` (hidden (R, 1, d))."""
@@ -125,11 +117,11 @@ class LayerScorer:
             values = measures.softmax_confidence_values(self.logits)  # floats: the hot path
         elif kind == "state":
             values = measures.state_confidence(hidden, previous)[:, 0].tolist()
-            self._count_each(lambda shape: 6 * shape.d_model)
+            self._count(lambda shape, i: 6 * shape.d_model)
         elif kind == "meta":
             normed = self.arch.final_norm(hidden)
             values = measures.meta_confidence(self.model.cm_head, normed)[:, 0].tolist()
-            self._count_each(lambda shape: 2 * shape.d_model * shape.d_model + 2 * shape.d_model * 2)
+            self._count(lambda shape, i: 2 * shape.d_model * shape.d_model + 2 * shape.d_model * 2)
         else:
             values = self._contrastive_rows(layer)
         if not self.scores_to_decide and self.reduced is not None and self.start_normed is None:

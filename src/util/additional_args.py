@@ -17,7 +17,6 @@ CONFIDENCE_TYPES = (
     "reweight_contrastive_decoding",
     "JSD_contrastive_confidence",
 )
-PLANNED_CONFIDENCE_TYPES = ()
 # The lowest layer at which a measure is defined: contrastive ones need an amateur layer
 # (floor(l/2) >= 1, or JSD candidates 2 <= j < l).
 SMALLEST_CHECKED_LAYER = {
@@ -73,7 +72,7 @@ class AdditionalArguments:
 
     # CALM-style early exit
     use_early_exit: bool = _flag(False, "Let each token exit at the first confident decoder layer.")
-    exit_conf_type: Optional[str] = _flag(None, f"Confidence measure: one of {', '.join(CONFIDENCE_TYPES + PLANNED_CONFIDENCE_TYPES)}.")
+    exit_conf_type: Optional[str] = _flag(None, f"Confidence measure: one of {', '.join(CONFIDENCE_TYPES)}.")
     exit_conf_threshold: float = _flag(1.0, "A token exits when its confidence is above this value, in [0, 1]; 1 means never.")
     exit_position_temp: Optional[float] = _flag(None, "Temperature of the position-decaying threshold (>= 0); None keeps it constant.")
     exit_min_layer: Optional[int] = _flag(None, "First layer at which confidence is computed (1..L-1); None means 1.")
@@ -125,12 +124,6 @@ class AdditionalArguments:
         return cls(**{f.name: getattr(config, f.name, getattr(defaults, f.name)) for f in fields(cls)})
 
 
-# Flags (with the value that switches them on) whose feature is not built yet: rejected, never
-# silently ignored. Each entry leaves this table when its feature lands.
-_NOT_IMPLEMENTED = {
-}
-
-
 def _check_layer(name, value, low, high):
     if value is None:
         return
@@ -149,11 +142,8 @@ def _check_range(name, value, low, high, low_open=False, high_open=False):
 
 
 def _check_conf_type(name, value):
-    allowed = CONFIDENCE_TYPES + PLANNED_CONFIDENCE_TYPES
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}.")
-    if value in PLANNED_CONFIDENCE_TYPES:
-        raise ValueError(f"{name}={value!r} is not implemented yet.")
+    if value not in CONFIDENCE_TYPES:
+        raise ValueError(f"{name}={value!r} is unknown; allowed values: {', '.join(CONFIDENCE_TYPES)}.")
 
 
 def _check_measure_layer(conf_name, conf_type, layer_name, layer):
@@ -324,9 +314,6 @@ def validate_additional_args(args: AdditionalArguments, num_decoder_layers: int)
     if args.emit_contrastive_token and active not in SMALLEST_CHECKED_LAYER:
         raise ValueError(f"emit_contrastive_token needs a contrastive measure as the active one (exit_conf_type with "
                          f"use_early_exit, or shallow2deep_conf_type with use_shallow_deep); it is {active!r}.")
-    for name, is_on in _NOT_IMPLEMENTED.items():
-        if is_on(args):
-            raise ValueError(f"{name}={getattr(args, name)!r}: this feature is not implemented yet.")
 
 
 def active_conf_type(args) -> Optional[str]:
