@@ -215,3 +215,21 @@ def test_a_template_for_a_t5_model_is_refused(tmp_path, data):
     with pytest.raises(ValueError, match="--prompt_template formats the prompts of decoder-only models"):
         runner.run(Summarization(), ["--model_name_or_path", folder, "--validation_file", data["sum"], "--do_eval",
                                      "--output_dir", str(tmp_path / "out"), "--prompt_template", "{source} summary:"])
+
+
+def test_a_tokenizer_without_pad_token_pads_with_its_end_token(llama, data, tmp_path):
+    """As Llama's and GPT-2's: the end token pads (left in prompts, after a finished row)."""
+    import shutil
+    folder = tmp_path / "nopad"
+    shutil.copytree(llama, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
+    common = ["--model_name_or_path", str(folder), "--validation_file", data["sum"], "--do_eval",
+              "--max_source_length", "24", "--max_target_length", "6", "--per_device_eval_batch_size", "3",
+              "--disable_tqdm", "True"]
+    plain = runner.run(Summarization(), common + ["--output_dir", str(tmp_path / "hf")])
+    deploy = runner.run(Summarization(), common + ["--output_dir", str(tmp_path / "deploy"), "--deploy_scenario", "True"])
+    read = lambda folder: [json.loads(l)["prediction"] for l in open(tmp_path / folder / "eval_predictions.jsonl")]  # noqa: E731
+    assert read("hf") == read("deploy") and plain["eval_gen_len"] == deploy["eval_gen_len"]

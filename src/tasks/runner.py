@@ -211,9 +211,22 @@ def load_tokenizer(model_args):
     if not tokenizer.decode([i for i in ids if i != tokenizer.unk_token_id], skip_special_tokens=True).strip():
         raise ValueError(f"{arg} {source} holds no tokenizer (the one it loads knows no word of {TOKENIZER_PROBE!r}): "
                          "copy the model's tokenizer files there or pass --tokenizer_name with a directory that has them.")
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{arg} {source}: the tokenizer needs an eos token, as T5's has.")
     return tokenizer
+
+
+def check_pad_token(tokenizer, config, model_args) -> None:
+    """T5-family tokenizers need their pad token; a decoder-only one without (Llama, GPT-2) pads
+    with its end token, as is usual for these models (finished rows are padded with it)."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if is_decoder_only(config):
+        tokenizer.pad_token = tokenizer.eos_token
+        return
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    arg = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
 
 
 def load_config(model_args, tokenizer, additional_args):
@@ -567,6 +580,7 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
                          data_args.overwrite_output_dir or not main_process)
     tokenizer = load_tokenizer(model_args)
     config = load_config(model_args, tokenizer, additional_args)
+    check_pad_token(tokenizer, config, model_args)
     prompts = resolve_prompts(task, data_args, training_args, config, tokenizer, splits, prefix_given)
     raw = load_raw_splits(data_args, splits, model_args.cache_dir)
     with_references = {}
