@@ -95,13 +95,13 @@ def target_ids(tokenizer, targets: Sequence[str], target_length: int) -> List[Li
 
 
 def causal_features(prompt: PromptFormat, tokenizer, sources: Sequence[str], targets: Sequence[str],
-                    target_length: int) -> Tuple[dict, int]:
+                    target_length: int) -> Tuple[dict, List[bool]]:
     """Training rows: input_ids = prompt + target + eos, labels the same with the prompt's
-    positions IGNORE (the loss covers the target alone); returns them and the count of cut sources."""
+    positions IGNORE (the loss covers the target alone); returns them and whether each source was cut."""
     prompts, cut = prompt.encode(tokenizer, sources)
     features = {"input_ids": [], "attention_mask": [], "labels": []}
     for ids, answer in zip(prompts, target_ids(tokenizer, targets, target_length)):
         features["input_ids"].append(ids + answer)
         features["attention_mask"].append([1] * (len(ids) + len(answer)))
         features["labels"].append([IGNORE] * len(ids) + answer)
-    return features, sum(cut)
+    return features, cut

@@ -275,9 +275,9 @@ def causal_training_features(task, dataset, tokenizer, data_args, prompt: Prompt
 
     def encode(batch):
         rows = _rows(batch)
-        features, _ = causal_features(prompt, tokenizer, [task.source_text(r, data_args) for r in rows],
-                                      [task.target_text(r, data_args) for r in rows], target_length)
-        features["source_cut"] = prompt.encode(tokenizer, [task.source_text(r, data_args) for r in rows])[1]
+        features, cut = causal_features(prompt, tokenizer, [task.source_text(r, data_args) for r in rows],
+                                        [task.target_text(r, data_args) for r in rows], target_length)
+        features["source_cut"] = cut
         return features
 
     features = dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_workers,
