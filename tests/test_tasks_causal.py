@@ -233,3 +233,16 @@ def test_a_tokenizer_without_pad_token_pads_with_its_end_token(llama, data, tmp_
     deploy = runner.run(Summarization(), common + ["--output_dir", str(tmp_path / "deploy"), "--deploy_scenario", "True"])
     read = lambda folder: [json.loads(l)["prediction"] for l in open(tmp_path / folder / "eval_predictions.jsonl")]  # noqa: E731
     assert read("hf") == read("deploy") and plain["eval_gen_len"] == deploy["eval_gen_len"]
+
+
+def test_layerskip_with_a_curriculum_trains_through_the_task_script(llama, data, tmp_path):
+    """The Trainer tells the model its step (a rotational curriculum needs it), layer dropout on."""
+    results = runner.run(Summarization(), ["--model_name_or_path", llama, "--train_file", data["sum"], "--do_train",
+                                           "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+                                           "--max_source_length", "24", "--max_target_length", "6",
+                                           "--report_to", "none", "--disable_tqdm", "True",
+                                           "--output_hidden_states_decoder", "True",
+                                           "--intermediate_loss_fn", "layerskip", "--early_exit_curriculum",
+                                           "rotational", "--early_exit_rotation_interval", "2",
+                                           "--layer_dropout_max", "0.2"])
+    assert results["train_samples"] == len(NAMES) and results["train_loss"] > 0

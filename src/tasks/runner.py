@@ -39,6 +39,7 @@ from models.deploying_mt5 import DeployMT5ForConditionalGeneration
 from models.deploying_t5 import DeployT5ForConditionalGeneration
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
+from models.exit_training import CurriculumCallback
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
 from models.self_speculation import COUNTS as SPECULATION_COUNTS, speculation_rates
 from tasks import distributed
@@ -309,6 +310,7 @@ def train(task, model_args, data_args, training_args, config, tokenizer, raw_spl
         train_dataset=features,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[CurriculumCallback()],  # the step and total, for LayerSkip's curriculum
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.model = merged_for_saving(trainer.model)  # LoRA merged: the checkpoint is a plain model
