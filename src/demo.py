@@ -2,6 +2,7 @@
 
     make demo                    (or: .venv/bin/python src/demo.py)    the main task, data-to-text
     .venv/bin/python src/demo.py --task qa                              the question-answering demo
+    .venv/bin/python src/demo.py --arch llama                           data-to-text, a decoder-only model
 
 1. Generates, from a fixed seed, the task's data (util/demo_data.py): records of invented facts
    and the few sentences that state them, as summarization rows (`--task bio`, the default), or
@@ -9,7 +10,8 @@
 2. Trains a BPE tokenizer and a small T5 with `weighted_ce` on every decoder layer, through the
    task script's own training (`run_summarization.py` / `run_question_answering.py --do_train`),
    and caches it in cache/demo_bio/ (cache/demo_model/ for qa; a later run with the same settings
-   reuses it).
+   reuses it). `--arch llama`: a small Llama-style decoder-only model instead, trained on
+   prompt + target (`--recipe weighted_ce` or LayerSkip's `layerskip`), cached in cache/demo_bio_llama/.
 3. Quality: evaluates it through the same task script in the deploy scenario under each row of
    the table (DEMO_ROWS, methods of util/methods.py, and a static exit at every layer), with FLOPs
    counted, decoding `--eval_batch_size` rows at once (the same tokens and exit layers as batch 1,
@@ -46,7 +48,8 @@ from util.additional_args import AdditionalArguments  # noqa: E402
 from util.cli import run_entry_point  # noqa: E402
 from util.demo_data import generate_bios, generate_squad, write_jsonl, write_squad  # noqa: E402
 from util.methods import method_flags  # noqa: E402
-from util.toy_models import SPECIAL_TOKENS, build_toy_t5, train_toy_tokenizer  # noqa: E402
+from tasks.prompts import default_template, prompt_format  # noqa: E402
+from util.toy_models import SPECIAL_TOKENS, build_toy_llama, build_toy_t5, train_toy_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # (row, METHOD of the table in util/methods.py, its parameters, extra flags): one row of the
@@ -99,6 +102,37 @@ class BioSettings:
 
 
 @dataclass
+class LlamaBioSettings:
+    """Data-to-text with a decoder-only (Llama-style) model: what its cached model depends on."""
+
+    train_examples: int = 24000
+    eval_examples: int = 200
+    min_facts: int = 4
+    max_facts: int = 5
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention, as Llama's
+    intermediate_size: int = 384
+    decoder_layers: int = 8  # the model's blocks (it has no encoder)
+    max_positions: int = 160
+    recipe: str = "weighted_ce"  # or "layerskip" (LayerSkip's early-exit loss and layer dropout)
+    train_steps: int = 1600
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    seed: int = 0
+
+
+# the training flags of each recipe (--recipe of the decoder-only demo; T5 trains with weighted_ce)
+RECIPES = {
+    "weighted_ce": ["--intermediate_loss_fn", "weighted_ce"],
+    "layerskip": ["--intermediate_loss_fn", "layerskip", "--early_exit_loss_scale", "1.0",
+                  "--early_exit_curriculum", "none", "--layer_dropout_max", "0.1"],
+}
+
+
+@dataclass
 class QASettings:
     """Question answering: everything the cached model depends on (a change retrains it)."""
 
@@ -138,6 +172,11 @@ def bio_texts(train_file: Path) -> List[str]:
     return [r["text"] for r in rows] + [r["summary"] for r in rows]
 
 
+def llama_bio_texts(train_file: Path) -> List[str]:
+    """The bio texts and the prompt template's own text (its newline and words)."""
+    return bio_texts(train_file) + [default_template(Summarization.name).replace("{source}", "")]
+
+
 def qa_data(settings: QASettings, folder: Path) -> Dict[str, Path]:
     """The training and evaluation sets (different seeds, one world of names) as SQuAD json."""
     common = dict(questions_per_context=settings.questions_per_context, people=settings.people,
@@ -173,6 +212,7 @@ class DemoTask:
     cache_name: str  # the cached model's folder under cache/
     output_name: str  # the results' folder under outputs/
     run_suffix: str = ""  # keeps each task's plots/<run name>/ apart
+    decoder_only: bool = False  # a Llama-style model: the source goes into the task's default prompt
 
     def length(self, arg: str) -> int:
         """The value of length argument `arg` (named without its dashes), in tokens."""
@@ -189,6 +229,14 @@ TASKS = {
                    (("F1", "eval_f1", "{:.1f}"), ("EM", "eval_exact_match", "{:.1f}")),
                    ".json", "demo_model", "demo_qa", run_suffix="_qa"),  # the cache bench/ and the sweep read
 }
+# --arch llama: the data-to-text task with a decoder-only model (its prompt: 64 source tokens and the template)
+LLAMA_TASKS = {
+    "bio": DemoTask(Summarization, LlamaBioSettings, bio_data, llama_bio_texts,
+                    ("--max_source_length", "72", "--max_target_length", "64", "--val_max_target_length", "64"),
+                    TASKS["bio"].columns, ".jsonl", "demo_bio_llama", "demo_llama", run_suffix="_llama",
+                    decoder_only=True),
+}
+ARCHS = {"t5": TASKS, "llama": LLAMA_TASKS}
 COST_COLUMNS = (("block_avg", "eval_block_avg", "{:.2f}"),
                 ("block_avg (FREE's count)", "eval_block_avg_free", "{:.2f}"),
                 ("conf. MFLOPs/sample", "eval_flops_confidence_per_sample", "{:.2f}"),
@@ -206,19 +254,30 @@ def method_rows(num_layers: int) -> List[Tuple[str, Dict]]:
 
 # ----- training ---------------------------------------------------------------------------------
 def train_model(task: DemoTask, settings, model_dir: Path, files: Dict[str, Path]) -> float:
-    """Tokenizer, random T5, then weighted_ce training via the task script; returns minutes."""
+    """Tokenizer, random T5 (or Llama), then weighted_ce (or the recipe's) training via the task
+    script; returns minutes."""
     began = time.perf_counter()
     init_dir = model_dir.parent / (model_dir.name + "_init")
     tokenizer = train_toy_tokenizer(task.tokenizer_texts(files["train"]), vocab_size=settings.vocab_size)
-    model = build_toy_t5(tokenizer, d_model=settings.d_model, num_layers=settings.encoder_layers,
-                         num_decoder_layers=settings.decoder_layers, num_heads=settings.num_heads,
-                         d_kv=settings.d_kv, d_ff=settings.d_ff, seed=settings.seed, save_dir=str(init_dir))
-    print(f"T5: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}, "
-          f"{settings.encoder_layers} encoder and {settings.decoder_layers} decoder blocks")
+    if task.decoder_only:
+        model = build_toy_llama(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.decoder_layers,
+                                num_heads=settings.num_heads, num_kv_heads=settings.num_kv_heads,
+                                intermediate_size=settings.intermediate_size, max_positions=settings.max_positions,
+                                seed=settings.seed, save_dir=str(init_dir))
+        recipe = RECIPES[settings.recipe]
+        print(f"Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary "
+              f"{len(tokenizer)}, {settings.decoder_layers} blocks, recipe {settings.recipe}")
+    else:
+        model = build_toy_t5(tokenizer, d_model=settings.d_model, num_layers=settings.encoder_layers,
+                             num_decoder_layers=settings.decoder_layers, num_heads=settings.num_heads,
+                             d_kv=settings.d_kv, d_ff=settings.d_ff, seed=settings.seed, save_dir=str(init_dir))
+        recipe = RECIPES["weighted_ce"]
+        print(f"T5: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}, "
+              f"{settings.encoder_layers} encoder and {settings.decoder_layers} decoder blocks")
     runner.run(task.adapter(), [
         "--model_name_or_path", str(init_dir), "--train_file", str(files["train"]), "--do_train",
         "--output_dir", str(model_dir), "--overwrite_output_dir", "True",
-        "--output_hidden_states_decoder", "True", "--intermediate_loss_fn", "weighted_ce",
+        "--output_hidden_states_decoder", "True", *recipe,
         *task.length_args,
         "--per_device_train_batch_size", str(settings.batch_size), "--max_steps", str(settings.train_steps),
         "--learning_rate", str(settings.learning_rate), "--warmup_steps", str(settings.warmup_steps),
@@ -232,7 +291,7 @@ def train_model(task: DemoTask, settings, model_dir: Path, files: Dict[str, Path
 def cached_model(settings, cache_dir: Path, retrain: bool) -> Dict:
     """The trained model's folder and data files, training only when the cache does not match
     (the task is the one whose settings these are)."""
-    task = next(t for t in TASKS.values() if isinstance(settings, t.settings))
+    task = next(t for tasks in ARCHS.values() for t in tasks.values() if isinstance(settings, t.settings))
     model_dir, data_dir = cache_dir / "model", cache_dir / "data"
     stamp = cache_dir / "demo_settings.json"
     files = {split: data_dir / f"{split}{task.data_suffix}" for split in ("train", "eval")}
@@ -275,6 +334,8 @@ def eval_sources(task: DemoTask, eval_file: Path, count: int) -> List[str]:
     data_args = argparse.Namespace(source_prefix=None, dataset_name=None, **{a: None for a in adapter.own_arguments})
     for arg, value in adapter.defaults.items():
         setattr(data_args, arg, value)
+    if task.decoder_only:
+        data_args.source_prefix = ""  # the prompt template carries the instruction
     if task.adapter is QuestionAnswering:
         with open(eval_file, encoding="utf-8") as handle:
             rows = flatten_squad(json.load(handle)["data"])
@@ -291,11 +352,17 @@ def time_rows(rows: List[Tuple[str, Dict]], model_dir: Path, sources: List[str],
     returns each row's first-round tokens and exit layers per source."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from models.deploying_t5 import DeployT5ForConditionalGeneration
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir)).eval()
-    inputs = [tokenizer(s, max_length=source_length, truncation=True, return_tensors="pt") for s in sources]  # as the task script
+    config = AutoConfig.from_pretrained(model_dir)
+    deploy_class = runner.model_class(training=False, deploy=True, model_type=config.model_type)
+    model = deploy_class.from_pretrained(model_dir, config=config).eval()
+    if config.is_encoder_decoder:
+        inputs = [tokenizer(s, max_length=source_length, truncation=True, return_tensors="pt") for s in sources]  # as the task script
+    else:  # the task script's prompt, as it builds it for the generated length
+        template = default_template(Summarization.name)
+        budget = min(source_length, config.max_position_embeddings - max_new_tokens)
+        prompts = prompt_format(tokenizer, template, budget, "the demo's lengths").encode(tokenizer, sources)[0]
+        inputs = [tokenizer.pad({"input_ids": [ids]}, return_tensors="pt") for ids in prompts]
     args = {name: AdditionalArguments(deploy_scenario=True, **flags) for name, flags in rows}
     speeds = {name: [] for name, _ in rows}
     decoded = {}
@@ -309,7 +376,8 @@ def time_rows(rows: List[Tuple[str, Dict]], model_dir: Path, sources: List[str],
                 seconds += time.perf_counter() - began
                 stats = model.exit_stats()
                 tokens += stats["tokens"]
-                outputs.append((ids[0, 1:].tolist(), stats["exit_layers"][0]))
+                start = 1 if config.is_encoder_decoder else batch.input_ids.shape[1]  # after the start token / prompt
+                outputs.append((ids[0, start:].tolist(), stats["exit_layers"][0]))
             speeds[name].append(tokens / seconds)
             decoded.setdefault(name, outputs)
         print(f"  timing round {round_ + 1}/{rounds} done")
@@ -500,18 +568,28 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", default="bio")
-    chosen = first.parse_known_args(argv)[0].task
-    if chosen not in TASKS:
-        raise ValueError(f"--task {chosen} is not a demo task; choose one of: {', '.join(TASKS)}.")
+    first.add_argument("--arch", default="t5")
+    known = first.parse_known_args(argv)[0]
+    chosen, arch = known.task, known.arch
+    if arch not in ARCHS:
+        raise ValueError(f"--arch {arch} is not a demo model; choose one of: {', '.join(ARCHS)}.")
+    if chosen not in ARCHS[arch]:
+        raise ValueError(f"--task {chosen} is not a demo task of --arch {arch}; choose one of: {', '.join(ARCHS[arch])}.")
+    task = ARCHS[arch][chosen]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="bio",
                         help="bio: data-to-text (summarization), the main demo; qa: question answering")
-    for name, value in asdict(TASKS[chosen].settings()).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value, help=f"(default {value})")
-    parser.add_argument("--cache_dir", default=str(ROOT / "cache" / TASKS[chosen].cache_name),
-                        help="where the model is cached (default cache/demo_bio, cache/demo_model for --task qa)")
-    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / TASKS[chosen].output_name),
-                        help="where results go (default outputs/demo, outputs/demo_qa for --task qa)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="t5",
+                        help="t5: a small T5 (the main demo); llama: a small Llama-style decoder-only model (bio only)")
+    for name, value in asdict(task.settings()).items():
+        choices = sorted(RECIPES) if name == "recipe" else None
+        parser.add_argument(f"--{name}", type=type(value), default=value, choices=choices, help=f"(default {value})")
+    parser.add_argument("--cache_dir", default=str(ROOT / "cache" / task.cache_name),
+                        help="where the model is cached (default cache/demo_bio, cache/demo_model for --task qa, "
+                             "cache/demo_bio_llama for --arch llama)")
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / task.output_name),
+                        help="where results go (default outputs/demo, outputs/demo_qa for --task qa, "
+                             "outputs/demo_llama for --arch llama)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--eval_batch_size", type=int, default=32, help="rows decoded at once for the quality columns")
     parser.add_argument("--timing_samples", type=int, default=24, help="rows decoded one at a time for tokens/s")
@@ -537,7 +615,7 @@ def main(argv=None) -> Dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # one line per step of the demo, not per file
     datasets.disable_progress_bars()
-    task = TASKS[args.task]
+    task = ARCHS[args.arch][args.task]
     settings = task.settings(**{k: getattr(args, k) for k in asdict(task.settings())})
     cached = cached_model(settings, Path(args.cache_dir), args.retrain)
     adapter = task.adapter()
@@ -590,7 +668,7 @@ def main(argv=None) -> Dict:
     view_path.write_text(exit_view_html(examples, num_layers, f"Exit layer of each token: {TARGET_ROW}"),
                          encoding="utf-8")
 
-    summary = {"task": args.task, "main_metric": metric, "settings": asdict(settings),
+    summary = {"task": args.task, "arch": args.arch, "main_metric": metric, "settings": asdict(settings),
                "train_minutes": cached["train_minutes"], "model_cached": cached["cached"],
                "quality_minutes": quality_minutes, "timing_minutes": timing_minutes,
                "total_minutes": (time.perf_counter() - began) / 60, "threads": torch.get_num_threads(),

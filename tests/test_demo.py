@@ -225,3 +225,39 @@ def test_core_use_is_a_share_of_the_cores():
 
     used = demo.cores_in_use(0.05)
     assert used is None or 0.0 <= used <= (os.cpu_count() or 1) + 1e-9
+
+
+LLAMA_TINY = ["--arch", "llama", "--vocab_size", "300", "--hidden_size", "32", "--num_heads", "2", "--num_kv_heads", "1",
+              "--intermediate_size", "64", "--decoder_layers", "2", "--train_steps", "2", "--batch_size", "4",
+              "--threads", "1", "--eval_batch_size", "2", "--timing_samples", "2", "--timing_rounds", "2",
+              "--train_examples", "40", "--eval_examples", "3"]
+
+
+@pytest.mark.parametrize("recipe", ["weighted_ce", "layerskip"])
+def test_llama_demo_runs_through_the_same_path(recipe, tmp_path, monkeypatch):
+    """--arch llama: a decoder-only model trained by the task script on prompts, the same table;
+    the per-token view holds the new tokens after the prompt, as the batched evaluation decoded them."""
+    tiny_rows(monkeypatch)
+    summary = demo.main(LLAMA_TINY + ["--recipe", recipe, "--cache_dir", str(tmp_path / "cache"),
+                                      "--output_dir", str(tmp_path / "out")])
+    assert summary["arch"] == "llama" and summary["settings"]["recipe"] == recipe
+    results = summary["results"]
+    assert list(results) == ["full model", "static exit, layer 1", "early exit, softmax 0.9", "FREE shallow-deep",
+                             demo.LOSSLESS_ROW]
+    assert results["full model"]["eval_block_avg"] == 2.0 and results["static exit, layer 1"]["eval_block_avg"] == 1.0
+    assert results["full model"]["eval_truncated_sources"] == 0
+    assert summary["targets"]["lossless_identical"]["met"]
+    with open(tmp_path / "out" / "runs" / "early_exit__softmax_0_9_llama" / "eval_predictions.jsonl") as handle:
+        batched = [json.loads(line)["exit_layers"] for line in handle]
+    assert [example["exit_layers"] for example in summary["exit_view"]] == batched[:2]
+    assert (tmp_path / "out" / "demo_results.json").is_file()
+
+
+def test_llama_demo_has_its_own_cache_and_outputs():
+    llama = demo.parse_args(["--arch", "llama"])
+    assert llama.cache_dir.endswith("cache/demo_bio_llama") and llama.output_dir.endswith("outputs/demo_llama")
+    assert llama.recipe == "weighted_ce" and llama.decoder_layers == 8
+    with pytest.raises(ValueError, match="--task qa is not a demo task of --arch llama"):
+        demo.parse_args(["--arch", "llama", "--task", "qa"])
+    with pytest.raises(ValueError, match="--arch gpt is not a demo model"):
+        demo.parse_args(["--arch", "gpt"])

@@ -42,6 +42,8 @@ class DataTrainingArguments:
     max_eval_samples: Optional[int] = _arg(None, "Use only the first N evaluation rows.")
     max_predict_samples: Optional[int] = _arg(None, "Use only the first N test rows.")
     source_prefix: Optional[str] = _arg(None, "Text put before every input (T5 task prefix); default per task.")
+    prompt_template: Optional[str] = _arg(None, "Decoder-only models: the prompt around each source, with {source} "
+                                          "where it goes (default per task, e.g. '{source}\\nsummary:').")
     preprocessing_num_workers: Optional[int] = _arg(None, "Processes for tokenisation.")
     overwrite_output_dir: bool = _arg(False, "Allow writing into an output_dir that is not empty.")
     length_counts_start_token: bool = _arg(False, "The generated length (--max_answer_length, --val_max_target_length, "

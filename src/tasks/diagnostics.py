@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
-from util.additional_args import AdditionalArguments
+from util.additional_args import AdditionalArguments, decoder_layers
 from util.diagnostics import JsdTrace, LayerTrace, write_trace_files
 from util.plots import plot_all
 
@@ -32,7 +32,7 @@ def static_exit_metrics(evaluate: Callable[[AdditionalArguments], dict], model, 
     own flags (generate's exit_args), the model's config is never changed. None on processes
     other than 0, which decode their shard but compute no metric."""
     results = {}
-    for layer in tqdm(range(1, model.config.num_decoder_layers + 1), desc="static exit per layer"):
+    for layer in tqdm(range(1, decoder_layers(model.config) + 1), desc="static exit per layer"):
         static = AdditionalArguments(deploy_scenario=True, static_exit_layer=layer)
         results[layer] = evaluate(static).get(metric)
     return results

@@ -8,6 +8,10 @@ Training uses HF's Seq2SeqTrainer; evaluation is our own loop: batched HF `gener
 quality, or (`--deploy_scenario True`) the early-exit decoder, `--per_device_eval_batch_size` rows
 at once (1 by default there; the same tokens and exit layers at any size, up to summation order),
 which also reports speed and exit statistics.
+
+Decoder-only models (Llama, Mistral, Qwen2/3, Gemma 3, GPT-2) take the same path with a prompt
+per source (`--prompt_template`, tasks.prompts): trained by HF's Trainer on prompt + target with
+the prompt masked out of the loss, evaluated on the new tokens after the left-padded prompt.
 """
 
 import functools
@@ -25,7 +29,7 @@ import torch
 import transformers
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, LongT5ForConditionalGeneration,
-                          MT5ForConditionalGeneration, Seq2SeqTrainer, T5ForConditionalGeneration, set_seed)
+                          MT5ForConditionalGeneration, Seq2SeqTrainer, T5ForConditionalGeneration, Trainer, set_seed)
 from transformers.training_args import ParallelMode
 
 from models.deploying_causal import CAUSAL_DEPLOY_CLASSES
@@ -36,14 +40,17 @@ from models.deploying_t5 import DeployT5ForConditionalGeneration
 from models.gguf_cache import check_gguf_file, gguf_path, resolve_model_path
 from models.modeling_longt5 import TrainLongT5ForConditionalGeneration
 from models.modeling_mt5 import TrainMT5ForConditionalGeneration
+from models.exit_training import CurriculumCallback
 from models.modeling_t5 import TrainT5ForConditionalGeneration, merged_for_saving, prepare_for_training
 from models.results import SUMMED_COUNTS
 from models.sampling import SamplingConfig
 from models.self_speculation import speculation_rates
 from tasks import distributed
+from tasks.adapters import LANGUAGE_NAMES
 from tasks.arguments import parse_arguments
 from tasks.data import check_data_arguments, load_raw_splits, wanted_splits
 from tasks.diagnostics import check_plots_dirs, static_exit_metrics, write_diagnostics
+from tasks.prompts import PromptFormat, causal_features, check_template, default_template, max_positions, prompt_format
 from util.additional_args import update_autoconfig
 
 logger = logging.getLogger(__name__)
@@ -67,7 +74,7 @@ MODEL_CLASSES = {
     "longt5": (TrainLongT5ForConditionalGeneration, DeployLongT5ForConditionalGeneration,
                LongT5ForConditionalGeneration),
 }
-# decoder-only types: (deploy, HF's plain) classes; the task scripts take T5-family models only so far
+# decoder-only types: (deploy, HF's plain) classes; their training classes are CAUSAL_TRAIN_CLASSES
 DECODER_ONLY_CLASSES = CAUSAL_DEPLOY_CLASSES
 # T5-family types refused, and why
 UNSUPPORTED_MODEL_TYPES = {
@@ -91,16 +98,51 @@ def model_class(training: bool, deploy: bool, model_type: str = "t5"):
 
 
 def check_model_type(model_type: str, arg: str, source: str) -> None:
-    if model_type in MODEL_CLASSES:
+    if model_type in MODEL_CLASSES or model_type in DECODER_ONLY_CLASSES:
         return
     why = UNSUPPORTED_MODEL_TYPES.get(model_type)
-    if model_type in DECODER_ONLY_CLASSES:
-        why = "decoder-only models decode through the Python API (models.deploying_causal); the task scripts " \
-              "train and evaluate T5-family models"
     reason = f": {why}" if why else ""
     raise ValueError(f"{arg} {source} is a '{model_type}' model, which these scripts do not support{reason}. "
-                     f"Supported model types: {', '.join(sorted(MODEL_CLASSES))}; decoder-only (generate only): "
+                     f"Supported model types: {', '.join(sorted(MODEL_CLASSES))}; decoder-only: "
                      f"{', '.join(sorted(DECODER_ONLY_CLASSES))}.")
+
+
+def is_decoder_only(config) -> bool:
+    return config.model_type in DECODER_ONLY_CLASSES
+
+
+def resolve_prompts(task, data_args, training_args, config, tokenizer, splits: List[str],
+                    prefix_given: bool) -> Dict[str, PromptFormat]:
+    """Decoder-only models: the prompt of training ("train") and of decoding ("eval"), each within
+    the model's context less its target's room; T5-family models: none (a template is an error).
+    Raises before any work when the template leaves no room for the source."""
+    if not is_decoder_only(config):
+        if data_args.prompt_template is not None:
+            raise ValueError(f"--prompt_template formats the prompts of decoder-only models; this is a "
+                             f"'{config.model_type}' model, which reads --source_prefix instead.")
+        return {}
+    if prefix_given:
+        raise ValueError("--source_prefix is T5's task prefix; a decoder-only model's prompt is "
+                         "--prompt_template (put the instruction there).")
+    data_args.source_prefix = ""  # the template carries the instruction
+    if data_args.prompt_template is None:
+        languages = [LANGUAGE_NAMES.get(code, code) for code in (data_args.source_lang, data_args.target_lang)
+                     if code]
+        data_args.prompt_template = default_template(task.name, *languages)
+    source_length, target_length, _ = task.lengths(data_args)
+    context = max_positions(config)
+    rooms = {"train": (target_length, f"--{task.target_length_arg}"),
+             "eval": (new_token_budget(task, data_args, training_args), "the generated length")}
+    needed = {"train": "train" in splits, "eval": any(split != "train" for split in splits)}
+    prompts = {}
+    for stage, (room, name) in rooms.items():
+        if not needed[stage]:
+            continue
+        budget = min(source_length, context - room)
+        why = f"--{task.source_length_arg} {source_length}, or the context of {context} positions less " \
+              f"{room} tokens for {name}"
+        prompts[stage] = prompt_format(tokenizer, data_args.prompt_template, budget, why)
+    return prompts
 
 
 # ----- checks ----------------------------------------------------------------------------------
@@ -192,9 +234,22 @@ def load_tokenizer(model_args):
     if not tokenizer.decode([i for i in ids if i != tokenizer.unk_token_id], skip_special_tokens=True).strip():
         raise ValueError(f"{arg} {source} holds no tokenizer (the one it loads knows no word of {TOKENIZER_PROBE!r}): "
                          "copy the model's tokenizer files there or pass --tokenizer_name with a directory that has them.")
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{arg} {source}: the tokenizer needs an eos token, as T5's has.")
     return tokenizer
+
+
+def check_pad_token(tokenizer, config, model_args) -> None:
+    """T5-family tokenizers need their pad token; a decoder-only one without (Llama, GPT-2) pads
+    with its end token, as is usual for these models (finished rows are padded with it)."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if is_decoder_only(config):
+        tokenizer.pad_token = tokenizer.eos_token
+        return
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    arg = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    raise ValueError(f"{arg} {source}: the tokenizer needs a pad and an eos token, as T5's has.")
 
 
 def load_config(model_args, tokenizer, additional_args):
@@ -236,25 +291,58 @@ def training_features(task, dataset, tokenizer, data_args, num_workers=None):
                        desc="Tokenising the training split")
 
 
+def causal_training_features(task, dataset, tokenizer, data_args, prompt: PromptFormat, num_workers=None):
+    """Tokenised prompt + target rows of the training split (the prompt masked in the labels),
+    and how many sources were cut to fit the context."""
+    target_length = task.lengths(data_args)[1]
+
+    def encode(batch):
+        rows = _rows(batch)
+        features, cut = causal_features(prompt, tokenizer, [task.source_text(r, data_args) for r in rows],
+                                        [task.target_text(r, data_args) for r in rows], target_length)
+        features["source_cut"] = cut
+        return features
+
+    features = dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_workers,
+                           desc="Tokenising the training split")
+    cut = sum(features["source_cut"])
+    return features.remove_columns("source_cut"), cut
+
+
 # ----- training -------------------------------------------------------------------------------------
-def train(task, model_args, data_args, training_args, config, tokenizer, raw_split) -> dict:
-    """Fine-tune, save model and tokenizer to output_dir, return the train_* metrics."""
+def train(task, model_args, data_args, training_args, config, tokenizer, raw_split,
+          prompt: Optional[PromptFormat] = None) -> dict:
+    """Fine-tune, save model and tokenizer to output_dir, return the train_* metrics. With `prompt`
+    (decoder-only models): HF's Trainer on prompt + target, the loss over the target only."""
     model = model_class(training=True, deploy=False, model_type=config.model_type).from_pretrained(
         model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     model = prepare_for_training(model)  # LoRA adapters, or everything but the meta head frozen
-    features = training_features(task, raw_split.dataset, tokenizer, data_args, data_args.preprocessing_num_workers)
-    trainer = Seq2SeqTrainer(
+    workers = data_args.preprocessing_num_workers
+    if prompt is None:
+        features, cut = training_features(task, raw_split.dataset, tokenizer, data_args, workers), None
+        trainer_class, collator = Seq2SeqTrainer, DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    else:
+        features, cut = causal_training_features(task, raw_split.dataset, tokenizer, data_args, prompt, workers)
+        # right padding in training: HF's causal LMs number positions from the left edge
+        tokenizer.padding_side = "right"
+        trainer_class, collator = Trainer, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=features,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[CurriculumCallback()],  # the step and total, for LayerSkip's curriculum
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.model = merged_for_saving(trainer.model)  # LoRA merged: the checkpoint is a plain model
+    if prompt is not None:
+        tokenizer.padding_side = "left"  # as the checkpoint's users decode with it
     trainer.save_model()  # model, config (with the flags) and tokenizer
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(features)
+    if cut is not None:
+        metrics["train_truncated_sources"] = cut
     return metrics
 
 
@@ -341,7 +429,8 @@ def load_eval_model(model_path: str, config, deploy: bool, model_args, device):
 def generate_predictions(model, tokenizer, sources: List[str], source_length: int, max_new_tokens: int,
                          num_beams: int, batch_size: int, stats: Optional[ExitStatsTotals] = None,
                          show_progress: bool = True, exit_args=None, desc: str = "Generating", position: int = 0,
-                         by_length: bool = False, sampling: Optional[dict] = None):
+                         by_length: bool = False, sampling: Optional[dict] = None,
+                         prompt: Optional[PromptFormat] = None):
     """(texts, generated lengths, exit layers per sample or None) for every source, in order.
 
     With `stats`, each call's exit_stats are collected (the deploy model, decoding with the flags
@@ -351,22 +440,32 @@ def generate_predictions(model, tokenizer, sources: List[str], source_length: in
     still comes back in the sources' order. A failing generate call stops the run: a missing
     prediction is never scored as an answer. `sampling`: generate's do_sample, temperature, top_k
     and top_p (draws from torch's global generator, seeded by the caller).
+    With `prompt` (decoder-only models) each source is
+    put in its prompt, batches are left-padded and the text is that of the tokens after the prompt.
     """
     options = {} if exit_args is None else {"exit_args": exit_args}
     options.update(sampling or {"do_sample": False})
     count = len(sources)
     texts, lengths, exits = [None] * count, [None] * count, [None] * count
-    encoded = tokenizer(sources, max_length=source_length, truncation=True)["input_ids"]  # once, padded per batch
+    if prompt is None:
+        encoded = tokenizer(sources, max_length=source_length, truncation=True)["input_ids"]  # once, padded per batch
+    else:
+        encoded = prompt.encode(tokenizer, sources)[0]
+        if exit_args is None:
+            options["pad_token_id"] = tokenizer.pad_token_id  # HF generate: pads finished rows with it
     order = list(range(count))
     if by_length:
         order.sort(key=lambda i: -len(encoded[i]))  # stable: ties keep the dataset order
     for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", position=position,
                       disable=not show_progress):
         indices = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(model.device)
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt",
+                              padding_side="left" if prompt is not None else None).to(model.device)
         with torch.inference_mode():
             ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
+        if prompt is not None:
+            ids = ids[:, batch["input_ids"].shape[1]:]  # generate returns the prompts, then the new tokens
         if stats is not None:
             call = model.exit_stats()
             stats.add(call, indices)
@@ -392,10 +491,11 @@ def new_token_budget(task, data_args, training_args) -> int:
 
 
 def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, data_args, training_args,
-                   additional_args, stats: Optional[ExitStatsTotals] = None, alone: bool = False
-                   ) -> Tuple[dict, List[dict]]:
+                   additional_args, stats: Optional[ExitStatsTotals] = None, alone: bool = False,
+                   prompt: Optional[PromptFormat] = None) -> Tuple[dict, List[dict]]:
     """Metrics (without prefix) and prediction records of one split (exit statistics into `stats`);
-    `alone`: decoded by this process only, whatever the launcher started."""
+    `alone`: decoded by this process only, whatever the launcher started; `prompt`: a decoder-only
+    model's (the count of sources cut to fit its context is reported)."""
     deploy = additional_args.deploy_scenario
     source_length = task.lengths(data_args)[0]
     rows = list(raw_split.dataset)
@@ -423,6 +523,7 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
         processes=distributed.num_processes(training_args, alone),
         rank=distributed.process_index(training_args, alone),
         sampling=sampling,
+        prompt=prompt,
     )
     runtime = time.perf_counter() - began
 
@@ -437,6 +538,8 @@ def evaluate_split(task, raw_split, with_references: bool, model, tokenizer, dat
         metrics.update(temperature=resolved.temperature, top_k=resolved.top_k, top_p=resolved.top_p,
                        seed=training_args.seed)
     metrics["samples"] = len(rows)
+    if prompt is not None:
+        metrics["truncated_sources"] = sum(prompt.encode(tokenizer, sources)[1])
     metrics["runtime"] = runtime
     metrics["samples_per_second"] = len(rows) / runtime
     if stats is not None:
@@ -499,7 +602,10 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
     `alone`: this process runs by itself even under torchrun (a sweep cell; tasks.distributed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args, additional_args = parse_arguments(argv)
+    prefix_given = data_args.source_prefix is not None  # before the task fills its default
     task.resolve_arguments(data_args)
+    if data_args.prompt_template is not None:
+        check_template(data_args.prompt_template)
     check_run_arguments(training_args, additional_args, alone)
     check_sampling_arguments(data_args)
     if model_args.gguf_file:
@@ -519,6 +625,8 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
                                                                                model_args.gguf_file))
     tokenizer = load_tokenizer(model_args)
     config = load_config(model_args, tokenizer, additional_args)
+    check_pad_token(tokenizer, config, model_args)
+    prompts = resolve_prompts(task, data_args, training_args, config, tokenizer, splits, prefix_given)
     raw = load_raw_splits(data_args, splits, model_args.cache_dir)
     with_references = {}
     for name, raw_split in raw.items():
@@ -533,7 +641,8 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
 
     results, model_path = {}, model_args.model_name_or_path
     if "train" in raw:
-        metrics = train(task, model_args, data_args, training_args, config, tokenizer, raw["train"])
+        metrics = train(task, model_args, data_args, training_args, config, tokenizer, raw["train"],
+                        prompts.get("train"))
         if main_process:
             results.update(save_results(output_dir, "train", metrics))
         distributed.barrier(training_args, alone)  # process 0 has saved the model the others load
@@ -544,12 +653,13 @@ def run(task, argv: Optional[List[str]] = None, alone: bool = False) -> dict:
         for split in evaluated:
             stats = ExitStatsTotals() if additional_args.deploy_scenario else None
             metrics, records = evaluate_split(task, raw[split], with_references[split], model, tokenizer,
-                                              data_args, training_args, additional_args, stats, alone)
+                                              data_args, training_args, additional_args, stats, alone,
+                                              prompts.get("eval"))
             static = None
             if stats is not None and stats.layer_traces and with_references[split]:
                 static = static_exit_metrics(
                     lambda args: evaluate_split(task, raw[split], True, model, tokenizer, data_args,
-                                                training_args, args, alone=alone)[0],
+                                                training_args, args, alone=alone, prompt=prompts.get("eval"))[0],
                     model, task.main_metric)
                 metrics[f"static_exit_{task.main_metric}"] = [static[layer] for layer in sorted(static)]
             if not main_process:

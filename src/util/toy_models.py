@@ -1,7 +1,8 @@
-"""Tiny T5 models and tokenizers built offline, for tests and demos.
+"""Tiny T5 and Llama models and tokenizers built offline, for tests and demos.
 
     tokenizer = train_toy_tokenizer(texts, vocab_size=300, save_dir=path)
     model = build_toy_t5(tokenizer, save_dir=path)   # path now loads with from_pretrained
+    model = build_toy_llama(tokenizer, save_dir=path)   # a decoder-only model with the same tokenizer
 
 The tokenizer follows T5's special-token layout (`<pad>` 0, `</s>` 1, `<unk>` 2, `</s>` appended
 to every encoded text), so the model's pad, eos and decoder-start ids are T5's.
@@ -12,7 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5
 
@@ -63,6 +64,34 @@ def build_toy_t5(tokenizer, d_model: int = 32, num_layers: int = 2, num_decoder_
     )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
+    model.eval()
+    if save_dir is not None:
+        os.makedirs(save_dir, exist_ok=True)
+        model.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+    return model
+
+
+def build_toy_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
+                    num_kv_heads: Optional[int] = None, intermediate_size: int = 64, max_positions: int = 256,
+                    seed: int = 0, save_dir: Optional[str] = None) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized for `tokenizer` (no start token: prompts begin with
+    their text), saved with it to save_dir if given."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
     model.eval()
     if save_dir is not None:
         os.makedirs(save_dir, exist_ok=True)
