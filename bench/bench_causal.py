@@ -189,7 +189,10 @@ def bench_checks(shape, args):
     ids, mask = prompts(model, 1, args.prompt)
     call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens)
     checked = dict(use_early_exit=True, exit_conf_type="softmax", exit_conf_threshold=1.0)
-    reductions = {"full head": {}, "decaying": dict(type_vocab_reduct="decaying")}
+    # the start layer's check (the full head, its top-k and the retained rows): one check per token
+    reductions = {"full head": {}, "decaying": dict(type_vocab_reduct="decaying"),
+                  "decaying, start layer alone": dict(type_vocab_reduct="decaying", exit_min_layer=L - 1)}
+    checks_per_token = {"full head": L - 1, "decaying": L - 1, "decaying, start layer alone": 1}
     flops = {}
     for name, flags in reductions.items():
         configure(model, count_flops=True, **checked, **flags)
@@ -211,10 +214,16 @@ def bench_checks(shape, args):
         r = results[name]
         tokens = r["tokens"][0]
         block = median(r["time_blocks"]) / ((tokens - 1) * L)  # the first token's blocks ran in the prefill
-        check = median(r["time_confidence"]) / (tokens * (L - 1))
+        check = median(r["time_confidence"]) / (tokens * checks_per_token[name])
         rows.append(dict(shape=shape, check=name, check_over_block=check / block, block_ms=1e3 * block,
                          check_ms=1e3 * check, flops_confidence=flops[name],
-                         flops_over_full_head=flops[name] / flops["full head"]))
+                         flops_over_full_head=flops[name] / flops["full head"] * (L - 1) / checks_per_token[name]))
+    # the reduced checks after the start layer: all decaying checks less the start layer's
+    start, every = rows[2], rows[1]
+    later = ((L - 1) * every["check_over_block"] - start["check_over_block"]) / (L - 2)
+    rows.append(dict(shape=shape, check="decaying, later layers (derived)", check_over_block=later,
+                     block_ms=every["block_ms"], check_ms=later * every["block_ms"], flops_confidence=None,
+                     flops_over_full_head=((L - 1) * every["flops_over_full_head"] - start["flops_over_full_head"]) / (L - 2)))
     return rows
 
 
