@@ -13,6 +13,11 @@ Parts (PARTS, run in that order; each adds its entry to outputs/gemma3/results.j
                teacher forcing), the discounted JSD of each earlier layer against the final one,
                and what a confidence check costs per layer (full head, fixed / decaying / adaptive
                reduction; time and FLOPs as a fraction of one layer).
+  early_exit   few-shot SQuAD QA (util/real_llm_qa.py) through the early-exit loop, the model as it
+               is: F1, agreement with the full model's tokens, mean blocks, acceptance rate and
+               tokens/s against the full model (and HF generate), every setting interleaved.
+  adapted      a short LoRA fine-tune with LayerSkip's early-exit loss on held-apart SQuAD articles
+               (cached under cache/adapted/), then the same table on the adapted model.
 The model is converted from its GGUF file once and cached (models/gguf_cache.py).
 """
 
@@ -59,7 +64,8 @@ def _arg(default, help_text):
 
 @dataclass
 class RealLLMArguments:
-    parts: str = _arg("diagnostics", "Comma-separated parts to run, of: " + "diagnostics")
+    parts: str = _arg("diagnostics,early_exit,adapted", "Comma-separated parts to run, of: "
+                      "diagnostics, early_exit, adapted")
     gguf_file: Optional[str] = _arg(None, "A GGUF file (default: the packaged Gemma 3 270M, requirements-gemma.txt).")
     data_dir: str = _arg("../shared/data", "Folder of squad_v1.1/dev-v1.1.json.zip and wmt22/test.de-en.jsonl "
                                            "(relative to the repository root).")
@@ -73,6 +79,19 @@ class RealLLMArguments:
     exit_min_layer: int = _arg(1, "First layer checked (the start layer of vocabulary reduction).")
     timing_rounds: int = _arg(15, "Rounds of the cost timing (variants interleaved; the median kept).")
     threads: int = _arg(2, "torch threads (the machine this was written for has 2 cores).")
+    qa_questions: int = _arg(8, "Evaluation questions of the QA tables (articles of the first half of SQuAD dev).")
+    qa_shots: int = _arg(1, "Few-shot examples in each prompt (from the held-apart articles).")
+    qa_new_tokens: int = _arg(10, "Most new tokens per answer (decoding also ends at a newline).")
+    qa_static_layers: str = _arg("12,15,17", "Static exit layers of the QA tables.")
+    qa_shallow_layers: str = _arg("6,12,15", "Shallow layers of self-speculation in the QA tables.")
+    qa_min_layer: int = _arg(12, "First checked layer of the thresholded rows (and FREE's shallow layer).")
+    qa_threshold: float = _arg(0.9, "Softmax / contrastive / shallow-deep threshold of the QA tables.")
+    adapt_steps: int = _arg(30, "Optimizer steps of the adaptation (one example each).")
+    adapt_lr: float = _arg(5e-4, "AdamW learning rate of the adaptation.")
+    adapt_lora_rank: int = _arg(8, "LoRA rank of the adaptation (every attention and MLP projection).")
+    adapt_rotation: int = _arg(6, "LayerSkip's rotational curriculum: every R-th layer's loss (and the last) per step.")
+    adapt_examples: int = _arg(200, "Training examples (held-apart articles), cycled.")
+    adapt_dir: str = _arg("cache/adapted", "Where adapted models are cached (keyed by their settings).")
     output_dir: str = _arg("outputs/gemma3", "Where results.json and the markdown tables go.")
     plots_dir: str = _arg("plots/gemma3", "Where the figures go.")
 
@@ -82,7 +101,9 @@ def check_arguments(args: RealLLMArguments) -> Dict[str, Path]:
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown or not args.parts:
         raise ValueError(f"--parts {args.parts}: unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}.")
-    for name in ("squad_texts", "wmt_texts", "timing_rounds", "threads", "vocab_k_min", "vocab_k_max"):
+    for name in ("squad_texts", "wmt_texts", "timing_rounds", "threads", "vocab_k_min", "vocab_k_max",
+                 "qa_questions", "qa_shots", "qa_new_tokens", "adapt_steps", "adapt_lora_rank", "adapt_rotation",
+                 "adapt_examples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.text_tokens < 4:
@@ -91,6 +112,19 @@ def check_arguments(args: RealLLMArguments) -> Dict[str, Path]:
         raise ValueError("--cd_alpha and --vocab_adaptive_scale must lie in (0, 1].")
     if args.vocab_k_min > args.vocab_k_max:
         raise ValueError(f"--vocab_k_min={args.vocab_k_min} must not exceed --vocab_k_max={args.vocab_k_max}.")
+    for name in ("qa_static_layers", "qa_shallow_layers"):
+        try:
+            layers = [int(x) for x in getattr(args, name).split(",")]
+        except ValueError:
+            raise ValueError(f"--{name} {getattr(args, name)}: expected comma-separated layer numbers.") from None
+        if not layers or not all(1 <= x <= 17 for x in layers):
+            raise ValueError(f"--{name} {getattr(args, name)}: layers must lie in 1..17 (the model has 18).")
+    if not 1 <= args.qa_min_layer <= 17:
+        raise ValueError(f"--qa_min_layer must lie in 1..17, got {args.qa_min_layer}.")
+    if not 0 <= args.qa_threshold <= 1:
+        raise ValueError(f"--qa_threshold must lie in [0, 1], got {args.qa_threshold}.")
+    if args.adapt_lr <= 0:
+        raise ValueError(f"--adapt_lr must be positive, got {args.adapt_lr}.")
     data_dir = ROOT / args.data_dir
     files = {"squad": data_dir / SQUAD_ZIP, "wmt22": data_dir / WMT_FILE}
     for corpus, path in files.items():
@@ -426,7 +460,88 @@ def run_diagnostics(model, tokenizer, args: RealLLMArguments, files: Dict[str, P
             "plots": [str(p) for p in paths]}
 
 
-PARTS = {"diagnostics": run_diagnostics}  # items of the early-exit tables join here, in order
+# ----- the early-exit tables ------------------------------------------------------------------------
+def _layers(text: str) -> List[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def qa_data(args: RealLLMArguments, files: Dict[str, Path]):
+    """(evaluation questions, few-shot examples, training examples): evaluation from the first half
+    of the articles, the others from the second half."""
+    from util.real_llm_qa import examples, load_articles, split_articles
+
+    evaluation, apart = split_articles(load_articles(files["squad"]))
+    held = examples(apart, args.qa_shots + args.adapt_examples, per_paragraph=3)
+    return examples(evaluation, args.qa_questions), held[:args.qa_shots], held[args.qa_shots:]
+
+
+def _qa_part(model, tokenizer, args: RealLLMArguments, files: Dict[str, Path], desc: str) -> dict:
+    from util.real_llm_qa import qa_table, settings
+
+    questions, shots, _ = qa_data(args, files)
+    # an answer ends at its line: "\n", "\n\n" and "\n\n\n" are single tokens of their own
+    newlines = [i for text in ("\n", "\n\n", "\n\n\n") for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id] + newlines
+    rows = settings(model.config.num_hidden_layers, _layers(args.qa_shallow_layers), _layers(args.qa_static_layers),
+                    args.qa_min_layer, args.qa_threshold)
+    return qa_table(model, tokenizer, questions, shots, rows, args.qa_new_tokens, desc)
+
+
+def run_early_exit(model, tokenizer, args: RealLLMArguments, files: Dict[str, Path]) -> dict:
+    return _qa_part(_deploy(model), tokenizer, args, files, "early exit: questions")
+
+
+def _deploy(model):
+    """The same weights, loaded in the early-exit class (its generate; HF's forward)."""
+    from models.deploying_causal import DeployGemma3ForCausalLM
+
+    return DeployGemma3ForCausalLM.from_pretrained(model.name_or_path).eval()
+
+
+def run_adapted(model, tokenizer, args: RealLLMArguments, files: Dict[str, Path]) -> dict:
+    from models.deploying_causal import DeployGemma3ForCausalLM
+    from util.real_llm_qa import AdaptSettings, adapt
+
+    _, _, train = qa_data(args, files)
+    settings = AdaptSettings(steps=args.adapt_steps, lr=args.adapt_lr, lora_rank=args.adapt_lora_rank,
+                             rotation=args.adapt_rotation)
+    base = Path(model.name_or_path)
+    folder = ROOT / args.adapt_dir / f"gemma3-layerskip-{settings.key(base, train)}"
+    if (folder / "adaptation.json").is_file():
+        print(f"adapted model cached: {folder}", file=sys.stderr)
+        record = json.loads((folder / "adaptation.json").read_text())
+    else:
+        record = adapt(base, tokenizer, train, settings, folder)
+    adapted = DeployGemma3ForCausalLM.from_pretrained(folder).eval()
+    adapted.generation_config = model.generation_config
+    table = _qa_part(adapted, tokenizer, args, files, "adapted: questions")
+    return {"adaptation": record, "folder": str(folder), **table}
+
+
+def tradeoff_figure(tables: Dict[str, dict]):
+    """F1 against decode speed (tokens/s over the full model's, prefill excluded) of every setting,
+    one marker style per table (as the model is / adapted)."""
+    fig, axes = new_figure(7.5, 5.0)
+    ax = axes[0]
+    for (label, table), marker in zip(tables.items(), ("o", "s")):
+        for name, row in table["rows"].items():
+            if row["decode_speed_vs_full_wall"] is None:
+                continue
+            ax.scatter(row["decode_speed_vs_full_wall"], row["f1"], marker=marker,
+                       color="tab:blue" if marker == "o" else "tab:orange")
+            ax.annotate(name, (row["decode_speed_vs_full_wall"], row["f1"]), fontsize=6)
+        ax.scatter([], [], marker=marker, color="tab:blue" if marker == "o" else "tab:orange", label=label)
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("decode tokens/s / full model's (wall, prefill excluded)")
+    ax.set_ylabel("SQuAD F1")
+    ax.set_title("Gemma 3 270M, few-shot SQuAD: quality against speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+PARTS = {"diagnostics": run_diagnostics, "early_exit": run_early_exit, "adapted": run_adapted}
 
 
 # ----- the report --------------------------------------------------------------------------------
@@ -492,6 +607,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
         results[part] = PARTS[part](model, tokenizer, args, files)
         if part == "diagnostics":
             (out / "diagnostics.md").write_text(diagnostics_markdown(results[part]))
+        else:
+            from util.real_llm_qa import table_markdown
+
+            (out / f"{part}.md").write_text(table_markdown(results[part]))
+            print(table_markdown(results[part]), file=sys.stderr)
+        (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False))
+    tables = {label: results[part] for part, label in (("early_exit", "as it is"), ("adapted", "adapted"))
+              if part in results}
+    if tables:
+        results["qa_plot"] = str(save_figure(tradeoff_figure(tables), Path(args.plots_dir) / "qa_tradeoff.png"))
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False))
     print(f"wrote {out / 'results.json'}")
     return results
