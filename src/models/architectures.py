@@ -86,6 +86,10 @@ class T5Decoder:
         attention = self.blocks[j].layer[0].SelfAttention
         return self._split(project(attention.k, normed)), self._split(project(attention.v, normed))
 
+    def queries_keys_values(self, j: int, normed: torch.Tensor, rope):
+        keys, values = self.keys_values(j, normed, rope)
+        return self.queries(j, normed, rope), keys, values
+
     def attention_output(self, j: int, out: torch.Tensor) -> torch.Tensor:
         return project(self.blocks[j].layer[0].SelfAttention.o, out)
 
@@ -315,25 +319,31 @@ class CausalDecoder:
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.view(x.shape[0], -1, heads, self.head_dim).transpose(1, 2)
 
-    def _projections(self, j: int, normed: torch.Tensor):
+    def queries_keys_values(self, j: int, normed: torch.Tensor, rope):
+        """Queries (R, heads, n, head_dim), keys and values (R, kv_heads, n, head_dim) of block j,
+        q/k-normed and rotated as the model does; GPT-2's fused c_attn in one product."""
         parts = self.modules[j]
         if parts["qkv"] is not None:  # GPT-2
-            return project(parts["qkv"], normed).split(self.d_model, dim=-1)
-        return None
-
-    def queries(self, j: int, normed: torch.Tensor, rope) -> torch.Tensor:
-        parts = self.modules[j]
-        fused = self._projections(j, normed)
-        query = self._split(fused[0] if fused else project(parts["q"], normed), self.num_heads)
+            query, key, value = project(parts["qkv"], normed).split(self.d_model, dim=-1)
+        else:
+            query, key, value = (project(parts[name], normed) for name in ("q", "k", "v"))
+        query = self._split(query, self.num_heads)
         if parts["q_norm"] is not None:
             query = parts["q_norm"](query)
-        return apply_rotary(query, rope)
+        keys, values = self._keys_values(parts, key, value, rope)
+        return apply_rotary(query, rope), keys, values
 
     def keys_values(self, j: int, normed: torch.Tensor, rope):
+        """Keys and values alone (state propagation)."""
         parts = self.modules[j]
-        fused = self._projections(j, normed)
-        keys = self._split(fused[1] if fused else project(parts["k"], normed), self.num_kv_heads)
-        values = self._split(fused[2] if fused else project(parts["v"], normed), self.num_kv_heads)
+        if parts["qkv"] is not None:  # GPT-2: the key and value columns of c_attn
+            _, key, value = project(parts["qkv"], normed).split(self.d_model, dim=-1)
+        else:
+            key, value = project(parts["k"], normed), project(parts["v"], normed)
+        return self._keys_values(parts, key, value, rope)
+
+    def _keys_values(self, parts, key: torch.Tensor, value: torch.Tensor, rope):
+        keys, values = self._split(key, self.num_kv_heads), self._split(value, self.num_kv_heads)
         if parts["k_norm"] is not None:
             keys = parts["k_norm"](keys)
         return apply_rotary(keys, rope), values

@@ -350,10 +350,9 @@ class BatchDecoder:
         kind = arch.layer_kinds[j]
         rope = rows.rope.get(kind)
         normed = arch.attention_input(j, hidden)
-        new_keys, new_values = arch.keys_values(j, normed, rope)
+        query, new_keys, new_values = arch.queries_keys_values(j, normed, rope)
         self._store_self_kv(j, new_keys, new_values, rows)
         keys, values = self.cache.read(j, rows.index, rows.keys, rows.all_live)
-        query = arch.queries(j, normed, rope)
         extra = {"enable_gqa": True} if self.gqa else {}
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=rows.masks[kind], scale=arch.scale, **extra)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, arch.num_heads * arch.head_dim)
