@@ -254,21 +254,8 @@ def load_demo(args):
 
 def demo_part(args):
     """The trained demo model: full model against self-speculation, its own data."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from demo import TASKS, eval_sources
-    from models.deploying_t5 import DeployT5ForConditionalGeneration
-
-    model_dir = DEMO_CACHE / "model"
-    task = TASKS["bio"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = DeployT5ForConditionalGeneration.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir))
-    device = torch.device(args.device)
-    model = model.eval().to(device)
-    sources = eval_sources(task, DEMO_CACHE / "data" / "eval.jsonl", args.demo_samples)
-    inputs = [tokenizer(text, max_length=task.length("max_source_length"), truncation=True,
-                        return_tensors="pt").input_ids.to(device) for text in sources]
-    new_tokens = task.length("max_target_length")
+    model, inputs, new_tokens = load_demo(args)
+    device = model.device
     variants = {"full model": decode_all(model, inputs, new_tokens)}
     for threshold in DEMO_THRESHOLDS:
         for n in args.draft_lengths:
