@@ -141,9 +141,10 @@ def slow_loss(model, inputs, name, k=2, alpha=0.4, layers=None, scale=1.0):
         kd = [slow_kl(z[L], student, b, t) for b, t, _ in tokens]
     elif name == "shallowdeep_kl_dyna":
         kd = [min(slow_kl(z[j], student, b, t) for j in range(k + 1, L + 1)) for b, t, _ in tokens]
-    else:  # _unif: the model's generator, seeded 0, draws one teacher in k+1..L per position
-        draws = torch.randint(L - k, labels.shape, generator=torch.Generator().manual_seed(0))
-        kd = [slow_kl(z[k + 1 + int(draws[b, t])], student, b, t) for b, t, _ in tokens]
+    else:  # _unif: the model's generator, seeded 0, draws one teacher in k+1..L per position read
+        columns = sorted({t for _, t, _ in tokens})  # the losses read the positions some row has a label at
+        draws = torch.randint(L - k, (labels.shape[0], len(columns)), generator=torch.Generator().manual_seed(0))
+        kd = [slow_kl(z[k + 1 + int(draws[b, columns.index(t)])], student, b, t) for b, t, _ in tokens]
     return (1 - alpha) * ce_sd + alpha * sum(kd) / len(kd)
 
 
@@ -190,6 +191,20 @@ def test_each_loss_equals_its_slow_rederivation_on_llama(name):
     inputs = causal_batch()
     expected = slow_loss(model, inputs, name, layers=[1, 2, 3, 4])
     assert float(model(**inputs).loss) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["weighted_ce", "layerskip", "shallowdeep_kl_dyna"])
+def test_heads_run_only_at_positions_with_a_label(name):
+    model = causal_model("llama", **loss_flags(name)).double().eval()
+    inputs = causal_batch(length=8)
+    inputs["labels"][:, :4] = -100  # a 4-token prompt in every row: positions 0..2 predict no label
+    widths = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    loss = float(model(**inputs).loss)
+    hook.remove()
+    assert loss == pytest.approx(slow_loss(model, inputs, name, layers=[1, 2, 3, 4]), rel=1e-9)
+    # HF's own head runs once over all 8 positions; every other head over positions 3..6 only
+    assert sorted(widths) == [4] * (len(widths) - 1) + [8] and len(widths) > 2
 
 
 @pytest.mark.parametrize("name", ["shallowdeep_kd_dyna", "shallowdeep_kl_last"])

@@ -309,6 +309,10 @@ class EarlyExitTrainingMixin:
         """Labels aligned with the logits: as given (encoder-decoders)."""
         return labels
 
+    def _exit_outputs(self, out, targets: torch.Tensor):
+        """(outputs, targets) the token-mean losses read: every position by default."""
+        return out, targets
+
     # ----- shared ----------------------------------------------------------------------------------
     def __init__(self, config):
         super().__init__(config)
@@ -369,10 +373,12 @@ class EarlyExitTrainingMixin:
                     out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             finally:
                 self.train(was_training)
-            out.loss = self._meta_loss(out, targets)
+            out.loss = self._meta_loss(*self._exit_outputs(out, targets))
         else:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-            out.loss = self._intermediate_loss(args, out, targets)
+            # FREE's hidden-state distillation is a mean over every position: it reads them all
+            read = (out, targets) if args.intermediate_loss_fn in KD_LOSSES else self._exit_outputs(out, targets)
+            out.loss = self._intermediate_loss(args, *read)
         return out
 
     def _block_output(self, out, layer: int) -> torch.Tensor:
@@ -533,5 +539,6 @@ def layer_losses(model: EarlyExitTrainingMixin, batch: Dict[str, torch.Tensor]) 
     with torch.no_grad():
         # the HF model's own forward (its plain loss), whichever class the model is
         out = super(EarlyExitTrainingMixin, model).forward(**batch, output_hidden_states=True, return_dict=True)
-        L, targets = model._exit_num_layers(), model._exit_targets(batch["labels"])
+        out, targets = model._exit_outputs(out, model._exit_targets(batch["labels"]))
+        L = model._exit_num_layers()
         return [float(cross_entropy(model._layer_logits(out, layer), targets)) for layer in range(1, L + 1)]

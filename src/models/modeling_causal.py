@@ -14,8 +14,13 @@ are the model's own, as for T5.
 
 Labels follow HF's causal-LM convention: aligned with input_ids, -100 ignored, shifted inside:
 the logits at position t are scored against labels[t + 1] (the last position against nothing).
-Every intermediate loss uses that same shift, so CE_L equals HF's own loss.
+Every intermediate loss uses that same shift, so CE_L equals HF's own loss. The token-mean losses
+read only the positions some row of the batch has a label at (a masked prompt's are skipped: the
+heads over them would cost as much as the heads over the target); FREE's hidden-state
+distillation reads every position, as FREE defines it.
 """
+
+from types import SimpleNamespace
 
 import torch
 from transformers import (Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
@@ -69,6 +74,16 @@ class CausalExitTrainingMixin(EarlyExitTrainingMixin):
 
     def _exit_targets(self, labels):
         return shift_labels(labels)
+
+    def _exit_outputs(self, out, targets):
+        """Only the positions some row has a label at: every loss is a mean over labelled tokens,
+        and a prompt's positions (-100) would otherwise put every layer's head over them too."""
+        keep = (targets != IGNORE).any(0).nonzero()[:, 0]
+        if len(keep) == targets.shape[1]:
+            return out, targets
+        view = SimpleNamespace(hidden_states=[h.index_select(1, keep) for h in out.hidden_states],
+                               logits=out.logits.index_select(1, keep))
+        return view, targets.index_select(1, keep)
 
 
 class TrainLlamaForCausalLM(CausalExitTrainingMixin, LlamaForCausalLM):
