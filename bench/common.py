@@ -29,9 +29,11 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, seed: int = 0, dtype=torch.float32, device="cpu"):
-    """A random-weight T5 of the named shape that never emits EOS, so every run has equal length."""
-    config = T5Config(**SHAPES[shape], dropout_rate=0.0, decoder_start_token_id=0, eos_token_id=None)
+def build_model(shape: str, seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
+    """A random-weight T5 of the named shape (config fields in `overrides` replaced) that never
+    emits EOS, so every run has equal length."""
+    settings = {**SHAPES[shape], "dropout_rate": 0.0, "decoder_start_token_id": 0, "eos_token_id": None, **overrides}
+    config = T5Config(**settings)
     torch.manual_seed(seed)
     model = DeployT5ForConditionalGeneration(config).eval().to(dtype=dtype, device=device)
     model.generation_config.eos_token_id = None

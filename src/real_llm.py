@@ -84,6 +84,8 @@ class RealLLMArguments:
     qa_new_tokens: int = _arg(10, "Most new tokens per answer (decoding also ends at a newline).")
     qa_static_layers: str = _arg("12,15,17", "Static exit layers of the QA tables.")
     qa_shallow_layers: str = _arg("6,12,15", "Shallow layers of self-speculation in the QA tables.")
+    qa_draft_vocab: int = _arg(4096, "Self-speculation rows with a draft vocabulary of this many head rows beside "
+                                     "the full-head drafts (0: none).")
     qa_min_layer: int = _arg(12, "First checked layer of the thresholded rows (and FREE's shallow layer).")
     qa_threshold: float = _arg(0.9, "Softmax / contrastive / shallow-deep threshold of the QA tables.")
     adapt_steps: int = _arg(30, "Optimizer steps of the adaptation (one example each).")
@@ -106,6 +108,8 @@ def check_arguments(args: RealLLMArguments) -> Dict[str, Path]:
                  "adapt_examples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.qa_draft_vocab == 1 or args.qa_draft_vocab < 0:
+        raise ValueError(f"--qa_draft_vocab must be 0 (none) or at least 2, got {args.qa_draft_vocab}.")
     if args.text_tokens < 4:
         raise ValueError(f"--text_tokens must be at least 4, got {args.text_tokens}.")
     if not 0 < args.cd_alpha <= 1 or not 0 < args.vocab_adaptive_scale <= 1:
@@ -483,7 +487,7 @@ def _qa_part(model, tokenizer, args: RealLLMArguments, files: Dict[str, Path], d
     newlines = [i for text in ("\n", "\n\n", "\n\n\n") for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id] + newlines
     rows = settings(model.config.num_hidden_layers, _layers(args.qa_shallow_layers), _layers(args.qa_static_layers),
-                    args.qa_min_layer, args.qa_threshold)
+                    args.qa_min_layer, args.qa_threshold, args.qa_draft_vocab or None)
     return qa_table(model, tokenizer, questions, shots, rows, args.qa_new_tokens, desc)
 
 

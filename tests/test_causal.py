@@ -106,14 +106,15 @@ def test_block_avg_counts_each_new_token_up_to_its_exit(models, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2"])
-@pytest.mark.parametrize("threshold, draft", [(0.0, 1), (0.0, 3), (0.4, 2), (0.8, 4)])
-def test_self_speculation_equals_the_full_model(models, family, threshold, draft):
+@pytest.mark.parametrize("threshold, draft, vocab", [(0.0, 1, None), (0.0, 3, None), (0.4, 2, None), (0.8, 4, None),
+                                                     (0.0, 3, 4), (0.3, 2, 16)])
+def test_self_speculation_equals_the_full_model(models, family, threshold, draft, vocab):
     model = models(family)
     ids, mask = left_padded(prompts(LENGTHS, seed=5))
     full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
     args = AdditionalArguments(use_shallow_deep=True, shallow_exit_layer=2, shallow2deep_conf_type="softmax",
                                shallow2deep_conf_threshold=threshold, use_self_speculation=True,
-                               max_draft_tokens=draft)
+                               max_draft_tokens=draft, draft_vocab_size=vocab)
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, exit_args=args)
     assert torch.equal(got, full)
     stats = model.exit_stats()

@@ -143,6 +143,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(tmp_path):
         real_llm.check_arguments(real_llm.RealLLMArguments(parts="nope"))
     with pytest.raises(ValueError, match=r"--data_dir .*squad_v1.1/dev-v1.1.json.zip does not exist"):
         real_llm.check_arguments(real_llm.RealLLMArguments(data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--qa_draft_vocab must be 0"):
+        real_llm.check_arguments(real_llm.RealLLMArguments(qa_draft_vocab=1))
     with pytest.raises(ValueError, match="--text_tokens must be at least 4"):
         real_llm.check_arguments(real_llm.RealLLMArguments(text_tokens=2))
     done = subprocess.run([sys.executable, str(ROOT / "src/real_llm.py"), "--squad_texts", "0"],

@@ -59,13 +59,13 @@ def test_qa_table_on_a_tiny_model(tiny):
     questions = [qa.QAExample("the mill turns", "the miller counts", ["sacks of grain"]),
                  qa.QAExample("by the river", "the mill", ["grain"])]
     shots = [qa.QAExample("the river", "the mill turns", ["the miller"])]
-    rows = qa.settings(5, shallow_layers=[2], static_layers=[2], min_layer=2, threshold=0.5)
+    rows = qa.settings(5, shallow_layers=[2], static_layers=[2], min_layer=2, threshold=0.5, draft_vocab=8)
     result = qa.qa_table(model, tokenizer, questions, shots, rows, max_new_tokens=4, desc="test")
     table = result["rows"]
     assert list(table) == list(rows) + ["HF generate"]
     # identical to the full model by construction: HF's generate, every-layer checks that never
     # exit (threshold 1), and self-speculation
-    for name in ("HF generate", "check-all full head", "check-all decaying", "self-spec 2"):
+    for name in ("HF generate", "check-all full head", "check-all decaying", "self-spec 2", "self-spec 2 draft 8"):
         assert table[name]["same_output_as_full"] == 1.0, name
         assert table[name]["answers"] == table["full"]["answers"], name
     assert table["static 2"]["block_avg"] == 2.0 and table["full"]["block_avg"] == 5.0

@@ -136,6 +136,46 @@ def test_every_confidence_measure_gives_the_full_models_tokens(copy_case, conf_t
             del model.cm_head
 
 
+@pytest.mark.parametrize("shallow", [1, 2])
+def test_a_draft_vocabulary_gives_the_full_models_tokens_and_changes_the_drafts(copy_case, shallow):
+    model, inputs, expected = copy_case
+    vocab = model.config.vocab_size
+    counts = {}
+    for size in (None, 2, 3, vocab):
+        drafted = accepted = 0
+        for threshold in (0.0, 0.3, 0.8):
+            for max_draft in (2, 8):
+                totals = check_against_full(model, inputs, expected, draft_vocab_size=size,
+                                            **speculation_flags(shallow, threshold, max_draft))
+                drafted += totals["drafted_tokens"]
+                accepted += totals["accepted_tokens"]
+        counts[size] = (drafted, accepted)
+        if size == 2:
+            assert 0 < accepted < drafted, "no draft was rejected: the test would prove nothing"
+    assert counts[vocab] == counts[None]  # the whole vocabulary retained: the full head's drafts
+    assert counts[2] != counts[None]  # two retained rows draft differently (the sets are in use)
+
+
+def test_a_draft_vocabulary_counts_its_rows_as_confidence_flops(copy_case):
+    model, inputs, _ = copy_case
+    flops = {}
+    for size in (None, 3):
+        set_flags(model, draft_vocab_size=size, count_flops=True, **speculation_flags(2, 1.0, 4))
+        model.generate(input_ids=inputs[0], max_new_tokens=MAX_NEW)
+        flops[size] = model.exit_stats()["flops_confidence"]
+    d, V, checks = model.config.d_model, model.config.vocab_size, MAX_NEW - 1
+    # threshold 1: nothing drafts, every check is at layer 2; the first one reads the full head
+    assert flops[None] == checks * (2 * d * V + 5 * V)
+    assert flops[3] == (2 * d * V + 5 * V) + (checks - 1) * (2 * d * 3 + 5 * 3)
+
+
+def test_a_draft_vocabulary_under_sampling_is_refused(copy_case):
+    model, inputs, _ = copy_case
+    set_flags(model, draft_vocab_size=3, **speculation_flags(2, 0.5, 2))
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        model.generate(input_ids=inputs[0], max_new_tokens=MAX_NEW, do_sample=True)
+
+
 def test_vocabulary_reduction_is_refused_as_it_would_change_nothing(copy_case):
     # the draft check is at the shallow layer only, the start layer, where the head is the full one
     model = copy_case[0]
@@ -274,6 +314,9 @@ def test_task_runs_sum_the_counts_and_take_the_rates_over_all_samples(copy_case)
     (speculation_flags(2, 0.5, 0), ["max_draft_tokens"]),
     (speculation_flags(2, 0.5, 2.0), ["max_draft_tokens"]),
     (speculation_flags(2, 0.5, True), ["max_draft_tokens"]),
+    (speculation_flags(2, 0.5, 2, draft_vocab_size=1), ["draft_vocab_size"]),
+    (speculation_flags(2, 0.5, 2, draft_vocab_size=8, conf_type="state"), ["draft_vocab_size"]),
+    (dict(draft_vocab_size=8), ["draft_vocab_size"]),
 ])
 def test_bad_flags_raise_errors_naming_them(flags, names):
     model = deploy_model(tiny_config(num_layers=4))

@@ -171,7 +171,7 @@ class EarlyExitGenerationMixin:
             scorer = LayerScorer(self, args, policy.conf_type, args.render_jsds) if policy.conf_type else None
             if free and args.use_self_speculation:
                 step = SelfSpeculativeStep(args.shallow2deep_conf_threshold, args.max_draft_tokens, eos_ids,
-                                           sampling=do_sample)
+                                           sampling=do_sample, draft_vocab=args.draft_vocab_size)
             elif free:
                 step = self._shallow_deep_step(args)
             else:

@@ -17,6 +17,14 @@ same step (a final verification): decoding never ends on an unverified token.
 Rows of a batch draft and verify on their own schedules; the rows verifying in a step share one
 deep pass (models.shallow_deep.deep_pass), each over its own positions.
 
+A draft vocabulary (`draft_vocab`, K rows; greedy): a draft is only a guess, so it need not read
+the whole head, which on a large vocabulary costs as much as several blocks (Gemma 3 270M: its
+262,144-row head, about 7 of its 18 blocks). Each row keeps K token ids, the top of the latest
+full-head scores computed for it (its first check at layer k, then the verification pass's at
+the position of the last token it emitted), with their head rows; its checks at layer k score
+only those (the softmax confidence over the K scores, the draft their argmax). The output is the
+full model's whatever the set: every token is still verified.
+
 Self-speculative sampling (`sampling`): the confident shallow position drafts x ~ q, layer k's
 full head after the sampler's processing (its q kept until verified); the deep pass gives the
 full model's processed p at every drafted position; drafts are accepted in order with
@@ -25,12 +33,15 @@ norm(max(0, p - q)), and after all accepted one more token is drawn from p (Levi
 2023, models.sampling.speculative_accept). Each token is thus distributed as the full model's.
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
+from models.confidence import softmax_confidence_values
 from models.decode_loop import BatchDecoder, Emit, Replace, output_logits
-from models.flops import output_head_flops
+from models.flops import head_flops, output_head_flops
+from models.projection import project
 from models.results import METHOD_COUNTS
 from models.sampling import speculative_accept
 from models.shallow_deep import deep_pass, shallow_pass
@@ -78,12 +89,17 @@ class SelfSpeculativeStep:
 
     counted = COUNTS
 
-    def __init__(self, threshold: float, max_draft_tokens: int, eos_ids: set, sampling: bool = False):
+    def __init__(self, threshold: float, max_draft_tokens: int, eos_ids: set, sampling: bool = False,
+                 draft_vocab: Optional[int] = None):
+        if draft_vocab is not None and sampling:
+            raise ValueError("draft_vocab_size is for greedy self-speculation: not supported with do_sample=True.")
         self.threshold = threshold
         self.max_draft_tokens = max_draft_tokens
         self.eos_ids = eos_ids  # a drafted end-of-sequence token must be verified before it ends
         self.sampling = sampling
         self.drafts_q = {}  # sampling: caller's row -> {position: q (V,) its draft was drawn from}
+        self.draft_vocab = draft_vocab
+        self.draft_sets = {}  # draft_vocab: caller's row -> (token ids (K,), their head rows (K, d))
 
     def __call__(self, decoder: BatchDecoder) -> list:
         scorer, timer = decoder.scorer, decoder.timer
@@ -99,9 +115,14 @@ class SelfSpeculativeStep:
                 scorer.keep(checking)
             index = torch.tensor(checking, device=decoder.device)
             checked, before = hidden.index_select(0, index), previous.index_select(0, index)
-            confident = [c > self.threshold for c in scorer.confidence(k, checked, before)]
-            which = [n for n, yes in enumerate(confident) if yes]
-            if which and not self.sampling:
+            if self.draft_vocab:
+                values, tokens = self._retained_check(decoder, checked, checking)
+            else:
+                values, tokens = scorer.confidence(k, checked, before), None
+            which = [n for n, value in enumerate(values) if value > self.threshold]
+            if which and tokens is not None:
+                drafting = [(checking[n], tokens[n]) for n in which]
+            elif which and not self.sampling:
                 drafts = scorer.predict(k, checked, which).tolist()
                 drafting = [(checking[n], token) for n, token in zip(which, drafts)]
             elif which:
@@ -125,6 +146,34 @@ class SelfSpeculativeStep:
         else:
             timer.add("head", mark)
         return outcomes
+
+    def _retained_check(self, decoder, checked: torch.Tensor, rows: List[int]):
+        """draft_vocab: (confidence, drafted token) of live rows `rows` (states `checked`) from
+        their retained head rows; a row without a set yet is scored by the full head, whose top
+        scores become its set."""
+        head = decoder.scorer.head
+        normed = decoder.scorer.normed(checked)[:, 0]
+        keys = [decoder.live[i].row for i in rows]
+        values, tokens = [0.0] * len(rows), [0] * len(rows)
+        for n, key in enumerate(keys):
+            if key in self.draft_sets:
+                ids, weight = self.draft_sets[key]
+                logits = F.linear(normed[n], weight)[None]
+            else:
+                logits = project(head, normed[n : n + 1])
+                ids = None
+                self._retain(key, logits[0], head.weight)
+            values[n] = softmax_confidence_values(logits)[0]
+            best = int(logits[0].argmax())
+            tokens[n] = best if ids is None else int(ids[best])
+            if decoder.count_flops:
+                decoder.live[rows[n]].result.flops.confidence += head_flops(decoder.shape, logits.shape[1])
+        return values, tokens
+
+    def _retain(self, key: int, logits: torch.Tensor, weight: torch.Tensor) -> None:
+        """The draft set of caller's row `key`: the top draft_vocab of these full-head scores."""
+        ids = logits.topk(min(self.draft_vocab, logits.shape[-1])).indices
+        self.draft_sets[key] = (ids, weight.index_select(0, ids))
 
     def _draft(self, decoder, checked: torch.Tensor, rows: List[int], which: List[int], positions: List[int]):
         """Sampling: draw the drafts of live rows `rows` (their states at positions `which` of
@@ -160,6 +209,8 @@ class SelfSpeculativeStep:
                 outcomes[i] = Emit(draft, k)  # the final draft is the full model's token too
             else:  # the first rejected draft (or the current position) gets the full model's token
                 outcomes[i] = Replace(start + 1 + accepted, [full[accepted]], [L])
+                if self.draft_vocab:  # the next drafts guess from the scores that gave it
+                    self._retain(state.row, logits[d, accepted], decoder.scorer.head.weight)
 
     def _verify_sampled(self, decoder, rows, final, starts, lengths, logits, outcomes, k: int, L: int):
         """Speculative sampling's verification: accept drafts by min(1, p/q), then one token from

@@ -92,6 +92,8 @@ class AdditionalArguments:
     adapt_threshold_samples: int = _flag(300, "The adaptive threshold is refitted after each of this many first samples.")
     use_self_speculation: bool = _flag(False, "Verify the shallow layer's tokens with one deep pass: output identical to the full model.")
     max_draft_tokens: int = _flag(2, "Self-speculation: a verification pass is forced after this many drafted tokens (>= 1).")
+    draft_vocab_size: Optional[int] = _flag(None, "Self-speculation: draft from this many rows of the head, the top "
+                                                  "of the row's latest full-head scores (greedy, softmax; None: the full head).")
 
     # LoRA
     use_lora: bool = _flag(False, "Fine-tune with low-rank adapters (peft).")
@@ -342,6 +344,15 @@ def _check_self_speculation(args) -> None:
     value = args.max_draft_tokens
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_draft_tokens={value!r} must be a positive integer.")
+    size = args.draft_vocab_size
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            raise ValueError(f"draft_vocab_size={size!r} must be an integer >= 2 (a confidence needs two scores).")
+        if not args.use_self_speculation:
+            raise ValueError("draft_vocab_size acts only with use_self_speculation=True.")
+        if args.shallow2deep_conf_type != "softmax" or args.type_vocab_reduct is not None:
+            raise ValueError("draft_vocab_size drafts by the softmax confidence over its own retained rows: it needs "
+                             "shallow2deep_conf_type='softmax' and no type_vocab_reduct.")
     if not args.use_self_speculation:
         return
     if not (args.use_shallow_deep and uses_parallel_decoding(args)):

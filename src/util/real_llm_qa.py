@@ -93,10 +93,11 @@ def few_shot_prompt(shots: List[QAExample], example: QAExample) -> str:
 
 # ----- the settings of the table -------------------------------------------------------------------
 def settings(num_layers: int, shallow_layers: List[int], static_layers: List[int], min_layer: int,
-             threshold: float) -> Dict[str, Optional[AdditionalArguments]]:
+             threshold: float, draft_vocab: Optional[int] = None) -> Dict[str, Optional[AdditionalArguments]]:
     """name -> flags (None: the full model through our loop). `check-all` rows check every layer
     and never exit (threshold 1: the top-2 gap never exceeds 1), so their tokens are the full
-    model's and their time difference is the confidence checks' cost."""
+    model's and their time difference is the confidence checks' cost. With `draft_vocab`, each
+    self-speculation row has a twin drafting from that many head rows."""
     rows: Dict[str, Optional[AdditionalArguments]] = {"full": None}
     for layer in static_layers:
         rows[f"static {layer}"] = AdditionalArguments(static_exit_layer=layer)
@@ -119,9 +120,12 @@ def settings(num_layers: int, shallow_layers: List[int], static_layers: List[int
         use_shallow_deep=True, shallow_exit_layer=min_layer, shallow2deep_conf_type="softmax",
         shallow2deep_conf_threshold=threshold)
     for layer in shallow_layers:
-        rows[f"self-spec {layer}"] = AdditionalArguments(
-            use_shallow_deep=True, shallow_exit_layer=layer, shallow2deep_conf_type="softmax",
-            shallow2deep_conf_threshold=0.5, use_self_speculation=True, max_draft_tokens=3)
+        for size in (None, draft_vocab) if draft_vocab else (None,):
+            name = f"self-spec {layer}" + (f" draft {size}" if size else "")
+            rows[name] = AdditionalArguments(
+                use_shallow_deep=True, shallow_exit_layer=layer, shallow2deep_conf_type="softmax",
+                shallow2deep_conf_threshold=0.5, use_self_speculation=True, max_draft_tokens=3,
+                draft_vocab_size=size)
     return rows
 
 
