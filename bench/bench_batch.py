@@ -22,6 +22,7 @@ batches up to --alone-max. Memory: the decode state the loop allocates
 
 import argparse
 import time
+from typing import Dict, Optional
 
 import torch
 
@@ -95,11 +96,17 @@ def one_at_a_time(model, ids, mask, steps, args):
 
 
 @torch.inference_mode()
-def gather_or_mask(model, batch: int, position: int, rounds: int, device, source_length: int = 32) -> dict:
+def gather_or_mask(model, batch: int, position: int, rounds: int, device, source_length: int = 32,
+                   variants: Optional[Dict[str, Optional[int]]] = None) -> dict:
     """What one middle block costs when only some rows of a batch still run it: computed for
-    those rows alone (gathered: their cached keys/values copied out) against for every row
-    (masking: the exited rows' results thrown away), over sources of `source_length` tokens.
-    Milliseconds per block call, medians."""
+    those rows alone (their cached keys/values gathered, or read as slices) against for every row
+    (masking: the exited rows' results thrown away), over sources of `source_length` tokens. The
+    running rows are spread over the batch (0, 2, 4, 6 of 8), the case with no two adjacent.
+
+    Without `variants`: {R: ms per block call}, the decoder's own rule. With `variants` (name ->
+    the source length from which the running rows' cross-attention reads slices of every row
+    instead of a copy; None: the decoder's own): {name: {R: ms}}, the variants taking turns call
+    by call. Medians."""
     L = model.config.num_decoder_layers
     decoder = BatchDecoder(model, ExitPolicy(L, L), ComponentTimer(device, False), position + 1)
     ids = torch.randint(2, model.config.vocab_size, (batch, source_length), generator=torch.Generator().manual_seed(3))
@@ -108,21 +115,24 @@ def gather_or_mask(model, batch: int, position: int, rounds: int, device, source
     decoder.cache.values.zero_()
     hidden = torch.randn(batch, 1, model.config.d_model, generator=torch.Generator().manual_seed(4)).to(device)
     j = L // 2
-    out = {}
+    chosen = variants or {"": None}
+    own = decoder.cross_views_from
+    times = {name: {} for name in chosen}
     for running in sorted({batch, max(batch // 2, 1), max(batch // 4, 1), 1}, reverse=True):
         rows = decoder.select(list(range(batch)), [position] * batch, [1] * batch)
         if running < batch:
-            rows = rows.take(list(range(running)))
+            rows = rows.take(list(range(0, batch, batch // running))[:running])
         index = rows.index
-        times = []
         for _ in range(rounds * 5):
-            synchronize(device)
-            start = time.perf_counter()
-            decoder.block(j, hidden.index_select(0, index), rows)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        out[running] = median(times) * 1e3
-    return out
+            for name, views_from in chosen.items():
+                decoder.cross_views_from = own if views_from is None else views_from
+                synchronize(device)
+                start = time.perf_counter()
+                decoder.block(j, hidden.index_select(0, index), rows)
+                synchronize(device)
+                times[name].setdefault(running, []).append(time.perf_counter() - start)
+    out = {name: {r: median(t) * 1e3 for r, t in per_r.items()} for name, per_r in times.items()}
+    return out if variants else out[""]
 
 
 def ratio(value) -> str:

@@ -1,12 +1,13 @@
-"""Gathering the running rows against running every row, at long sources.
+"""Running rows' cross-attention at long sources: gathered copies against slices, and all rows.
 
     .venv/bin/python bench/bench_gather.py [--shapes t5-large,t5-small] [--sources 32,512,4096] [--batch 8]
 
-Once a row exits, each later block runs only the rows still running: their cached self- and
-cross-attention keys/values are copied out (gathered). The cross-attention part grows with the
-source length, so at long sources the copy could cost more than running every row (masking).
-For one middle block at batch `--batch`, the time of R gathered rows against all rows, per
-source length (bench_batch.gather_or_mask; medians of interleaved calls).
+Once a row exits, each later block runs only the rows still running. Their cross-attention keys
+and values, which grow with the source, can be copied out (gathered: one attention call) or read
+as slices of every row's (views: one attention call per run of adjacent rows, nothing copied).
+For one middle block at batch `--batch`, the time of R running rows (spread over the batch, none
+adjacent: the views' worst case) each way, against all rows, per source length; the ways take
+turns call by call (bench_batch.gather_or_mask; medians).
 """
 
 import argparse
@@ -15,6 +16,8 @@ import torch
 
 from bench_batch import gather_or_mask
 from common import SHAPES, build_model, cpu_name, print_table, save_results
+
+WAYS = {"gather": 10 ** 9, "views": 0}  # the source length from which slices are read
 
 
 def main():
@@ -33,13 +36,17 @@ def main():
             # tokens through T5-large's 24 encoder blocks would take minutes
             model = build_model(shape, num_layers=1, num_decoder_layers=SHAPES[shape]["num_layers"])
             for source in (int(s) for s in args.sources.split(",")):
-                costs = gather_or_mask(model, args.batch, args.position, args.rounds, device, source_length=source)
-                every = costs[args.batch]
-                table.append([shape, source] + [f"{costs[r]:.2f} ({costs[r] / every:.2f})" for r in sorted(costs)])
+                costs = gather_or_mask(model, args.batch, args.position, args.rounds, device, source_length=source,
+                                       variants=WAYS)
+                every = costs["gather"][args.batch]  # all rows run: no gathering, the same either way
+                runs = sorted(r for r in costs["gather"] if r < args.batch)
+                table.append([shape, source, f"{every:.2f}"] + [
+                    f"{costs['gather'][r]:.2f} / {costs['views'][r]:.2f} ({costs['views'][r] / costs['gather'][r]:.2f})"
+                    for r in runs])
                 payload.append({"shape": shape, "source_length": source, "ms_per_block": costs})
             del model
-    runs = sorted(payload[0]["ms_per_block"])
-    print_table(["shape", "source tokens"] + [f"R={r} ms (/ all {args.batch})" for r in runs], table)
+    print_table(["shape", "source tokens", f"all {args.batch} ms"] + [f"R={r}: gather / views ms (views/gather)"
+                                                                      for r in runs], table)
     print(f"batch {args.batch}, one middle block; CPU: {cpu_name()}, {torch.get_num_threads()} threads")
     print("results:", save_results("bench_gather", {"args": vars(args), "rows": payload}))
 

@@ -233,6 +233,28 @@ def test_every_row_of_a_batch_decodes_as_it_would_alone_on_cuda(models, method):
 
 # The test models are far below models.projection.SMALL_WEIGHTS, so the loop would call F.linear;
 # these run the W x^T path (every projection, one row as a 2-row product).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["softmax", "jsd", "free-rollback", "self-speculation", "flops"])
+def test_rows_decode_as_alone_with_cross_attention_read_as_slices(models, method, dtype, monkeypatch):
+    import models.decode_loop as loop
+
+    runs_seen, original = [], loop.consecutive_runs
+    monkeypatch.setattr(loop, "CROSS_VIEWS_FROM", 0)  # every source counts as long: slices, no gathered copy
+    monkeypatch.setattr(loop, "consecutive_runs", lambda local: runs_seen.append(original(local)) or runs_seen[-1])
+    check_rows_equal_alone(models[dtype], METHODS[method], "right")
+    assert runs_seen, "no block ran a proper subset of the rows"
+    if method != "self-speculation":  # its verifying rows happen to be adjacent or alone here
+        assert any(len(runs) > 1 for runs in runs_seen), "no block ran scattered rows"
+
+
+def test_consecutive_runs_by_hand():
+    from models.decode_loop import consecutive_runs
+
+    assert consecutive_runs([0, 1, 2]) == [(0, 0, 3)]
+    assert consecutive_runs([0, 2, 3, 5]) == [(0, 0, 1), (1, 2, 2), (3, 5, 1)]
+    assert consecutive_runs([3, 1, 2]) == [(0, 3, 1), (1, 1, 2)]
+
+
 @pytest.fixture
 def transposed_projections(monkeypatch):
     import models.projection

@@ -93,11 +93,19 @@ class T5Decoder:
     def attention_output(self, j: int, out: torch.Tensor) -> torch.Tensor:
         return project(self.blocks[j].layer[0].SelfAttention.o, out)
 
-    def cross_attention(self, j: int, hidden: torch.Tensor, keys, values, mask) -> torch.Tensor:
+    def cross_attention(self, j: int, hidden: torch.Tensor, keys, values, mask, runs=None) -> torch.Tensor:
+        """Cross-attention of hidden's rows over keys/values/mask rows. With `runs`, a list of
+        (first query row, first key row, count), keys/values/mask hold every live row and each
+        run of consecutive rows attends to its own slice of them (views: nothing copied)."""
         layer = self.blocks[j].layer[1]
         normed = layer_norm(layer.layer_norm, hidden)
         query = self._split(project(layer.EncDecAttention.q, normed))
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
+        if runs is None:
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(query[q : q + n], keys[k : k + n], values[k : k + n],
+                                                            attn_mask=mask[k : k + n], scale=1.0)
+                             for q, k, n in runs])
         out = out.transpose(1, 2).reshape(out.shape[0], -1, self.num_heads * self.head_dim)
         return project(layer.EncDecAttention.o, out)
 

@@ -18,13 +18,19 @@ by the step.
 A batch decodes together, each row as if alone: its own position (FREE's rollback moves one row
 back while the others go on), its own relative position bias slice and key/value fill state per
 block, its own encoder length (padded sources, cross-attention masked per row). Rows that exit
-at a layer leave the running set: the later blocks run only the rows still there, gathered into
-a smaller batch rather than computed for every row and masked. Gathering copies the running
-rows' cached keys/values once per block (a view when every live row runs); masking would run
-every block for every row. Measured (bench/bench_batch.py, `gather_or_mask`, one middle block at
-batch 8 on this 2-core CPU, projections as models.projection computes them): T5-large 5.6 ms for
-all 8 rows against 2.6 / 2.0 / 1.9 ms for 4 / 2 / 1 gathered rows; T5-small 0.9 against
-0.6 / 0.5 / 0.5 ms. Gathering is never slower, so it is the only path. Finished rows leave the
+at a layer leave the running set: the later blocks run only the rows still there, as a smaller
+batch rather than computed for every row and masked. Their self-attention keys/values are
+gathered (copied out; a view when every live row runs). Their cross-attention keys/values grow
+with the source: from CROSS_VIEWS_FROM (512) source tokens on, each run of adjacent running rows
+attends to its slice of every row's (views, one attention call per run, nothing copied); below
+it they are gathered. Measured (bench/bench_gather.py, one middle block at batch 8, R running
+rows spread over the batch so that no two are adjacent, two runs on a quiet 2-core AMD EPYC),
+ms for all 8 rows, and views / gathered for R = 4:
+T5-large, 32 source tokens: 5.2-6.0, views 0.99x gathered (R = 1, 2, 4: 0.97-0.99x);
+512: 8.8-9.4, 0.84-0.90x (0.88-1.00x); 4,096: 20.8-27.9, gathered 46.6-62.1 (more than all
+rows: the copy costs more than the attention), views 12.1-18.4 (0.26-0.34x for every R).
+T5-small at 4,096: 11.5-14.5, gathered 30.2-34.6, views 7.0-8.4; at 32 the two ways are within
+0.96-1.03x of each other. Masking would run every block for every row. Finished rows leave the
 batch for good: every buffer is compacted once when a row ends.
 
 Skipped blocks (state propagation): when a token exits at layer e, every block j > e still needs
@@ -43,7 +49,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +151,22 @@ def output_tokens(model, hidden: torch.Tensor, counters) -> torch.Tensor:
         for counter in counters:
             counter.blocks += output_head_flops(counter.shape)
     return output_logits(model, hidden).argmax(-1)
+
+
+# Source length from which the running rows' cross-attention reads slices of every row's keys
+# and values instead of a gathered copy (see the module docstring: measured by bench/bench_gather.py).
+CROSS_VIEWS_FROM = 512
+
+
+def consecutive_runs(local: List[int]) -> List[Tuple[int, int, int]]:
+    """(first position in `local`, first live row, count) of each run of consecutive live rows."""
+    runs = []
+    for position, row in enumerate(local):
+        if runs and row == runs[-1][1] + runs[-1][2] and position == runs[-1][0] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, row, 1))
+    return runs
 
 
 @dataclass
@@ -274,6 +296,7 @@ class BatchDecoder:
         self.dtype = arch.dtype
         self.min_value = torch.finfo(self.dtype).min
         self.gqa = arch.num_kv_heads != arch.num_heads
+        self.cross_views_from = CROSS_VIEWS_FROM  # source length from which exited rows' cross-attention is sliced
         if arch.encoder_decoder:
             n = max_new_tokens
             self.position_bias = arch.position_bias(n, self.device)
@@ -339,9 +362,11 @@ class BatchDecoder:
                     state.result.flops.blocks += cross_kv_flops(self.shape, state.encoder_length)
         keys, values = self.cross[j]
         if rows.all_live:
-            return keys, values, self.cross_mask
+            return keys, values, self.cross_mask, None
+        if keys.shape[2] >= self.cross_views_from:  # long sources: slices of every row, no copy
+            return keys, values, self.cross_mask, consecutive_runs(rows.local)
         return keys.index_select(0, rows.index), values.index_select(0, rows.index), \
-            self.cross_mask.index_select(0, rows.index)
+            self.cross_mask.index_select(0, rows.index), None
 
     def block(self, j: int, hidden: torch.Tensor, rows: Rows, counted: bool = True) -> torch.Tensor:
         """Block j (0-based) on the query positions of `rows` (hidden (R, n, d)), reading and
@@ -358,8 +383,8 @@ class BatchDecoder:
         out = out.transpose(1, 2).reshape(out.shape[0], -1, arch.num_heads * arch.head_dim)
         hidden = arch.clamp(hidden + arch.attention_output(j, out))
         if arch.encoder_decoder:
-            keys, values, cross_mask = self._cross_kv(j, rows)
-            hidden = arch.clamp(hidden + arch.cross_attention(j, hidden, keys, values, cross_mask))
+            keys, values, cross_mask, runs = self._cross_kv(j, rows)
+            hidden = arch.clamp(hidden + arch.cross_attention(j, hidden, keys, values, cross_mask, runs))
         if counted:
             window = self.windows[j]
             for r, s, n in zip(rows.local, rows.starts, rows.lengths):
