@@ -74,3 +74,12 @@ def test_qa_table_on_a_tiny_model(tiny):
     assert all(0.0 <= r["f1"] <= 100.0 for r in table.values())
     markdown = qa.table_markdown(result)
     assert "| full |" in markdown and "| HF generate |" in markdown
+
+
+def test_the_adaptation_key_follows_the_model_not_the_checkout(tmp_path):
+    settings = qa.AdaptSettings(steps=3, lr=1e-3, lora_rank=2, rotation=2)
+    train = [qa.QAExample("the mill", "what turns", ["the mill"])]
+    one, two = tmp_path / "a" / "gemma-abc123", tmp_path / "b" / "gemma-abc123"
+    assert settings.key(one, train) == settings.key(two, train)
+    assert settings.key(one, train) != settings.key(tmp_path / "a" / "gemma-def456", train)
+    assert settings.key(one, train) != settings.key(one, train + train)

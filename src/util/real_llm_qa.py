@@ -239,7 +239,9 @@ class AdaptSettings:
     seed: int = 0
 
     def key(self, base: Path, train: List[QAExample]) -> str:
-        text = json.dumps([str(base), vars(self), [format_example(e, True) for e in train]])
+        """The cache key: the base folder's name (models.gguf_cache names it by the model file's
+        hash, so another checkout of the same model shares it), the settings, the training text."""
+        text = json.dumps([base.name, vars(self), [format_example(e, True) for e in train]])
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
