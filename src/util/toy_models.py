@@ -45,6 +45,19 @@ def train_toy_tokenizer(texts: Iterable[str], vocab_size: int = 300,
     return tokenizer
 
 
+def _initialised(model_class, config, tokenizer, seed: int, save_dir: Optional[str]):
+    """A model of `model_class` initialised from `seed`, in eval mode, saved with the tokenizer to
+    save_dir if given."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.eval()
+    if save_dir is not None:
+        os.makedirs(save_dir, exist_ok=True)
+        model.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+    return model
+
+
 def build_toy_t5(tokenizer, d_model: int = 32, num_layers: int = 2, num_decoder_layers: Optional[int] = None,
                  num_heads: int = 2, d_kv: int = 16, d_ff: int = 64, seed: int = 0,
                  save_dir: Optional[str] = None) -> T5ForConditionalGeneration:
@@ -62,14 +75,7 @@ def build_toy_t5(tokenizer, d_model: int = 32, num_layers: int = 2, num_decoder_
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config)
-    model.eval()
-    if save_dir is not None:
-        os.makedirs(save_dir, exist_ok=True)
-        model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
-    return model
+    return _initialised(T5ForConditionalGeneration, config, tokenizer, seed, save_dir)
 
 
 def build_toy_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
@@ -90,11 +96,4 @@ def build_toy_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, num_h
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.eval()
-    if save_dir is not None:
-        os.makedirs(save_dir, exist_ok=True)
-        model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
-    return model
+    return _initialised(LlamaForCausalLM, config, tokenizer, seed, save_dir)
