@@ -21,9 +21,9 @@ A draft vocabulary (`draft_vocab`, K rows; greedy): a draft is only a guess, so 
 the whole head, which on a large vocabulary costs as much as many blocks (Gemma 3 270M: its
 262,144-row head takes the time of about 21 blocks on a quiet CPU). Each row keeps K token ids,
 the top of the latest full-head scores computed for it (its first check at layer k, then the
-verification pass's at the position of the last token it emitted), with their head rows; its checks at layer k score
-only those (the softmax confidence over the K scores, the draft their argmax). The output is the
-full model's whatever the set: every token is still verified.
+verification pass's at the position of the last token it emitted), with their head rows; its
+checks at layer k score only those (the softmax confidence over the K scores, the draft their
+argmax). The output is the full model's whatever the set: every token is still verified.
 
 Self-speculative sampling (`sampling`): the confident shallow position drafts x ~ q, layer k's
 full head after the sampler's processing (its q kept until verified); the deep pass gives the
@@ -45,6 +45,7 @@ from models.projection import project
 from models.results import METHOD_COUNTS
 from models.sampling import speculative_accept
 from models.shallow_deep import deep_pass, shallow_pass
+from models.vocab_reduction import top_rows
 
 COUNTS = METHOD_COUNTS["self_speculation"]
 
@@ -172,8 +173,7 @@ class SelfSpeculativeStep:
 
     def _retain(self, key: int, logits: torch.Tensor, weight: torch.Tensor) -> None:
         """The draft set of caller's row `key`: the top draft_vocab of these full-head scores."""
-        ids = logits.topk(min(self.draft_vocab, logits.shape[-1])).indices
-        self.draft_sets[key] = (ids, weight.index_select(0, ids))
+        self.draft_sets[key] = top_rows(logits, weight, min(self.draft_vocab, logits.shape[-1]))
 
     def _draft(self, decoder, checked: torch.Tensor, rows: List[int], which: List[int], positions: List[int]):
         """Sampling: draw the drafts of live rows `rows` (their states at positions `which` of

@@ -32,6 +32,13 @@ def adaptive_size(k_start: int, k_min: int, scale: float, previous_confidence: f
     return min(k_start, max(k_min, math.ceil(k_start * (1.0 - scale * previous_confidence))))
 
 
+def top_rows(scores: torch.Tensor, weight: torch.Tensor, k: int):
+    """The top-k token ids of scores (..., V), in score order, and their head rows (..., k, d)."""
+    ids = scores.topk(k, dim=-1).indices
+    # index_select on the flat ids: 2.3x faster than weight[ids] at batch 8 (0.9 ms vs 2.1 ms, T5-small)
+    return ids, weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+
 class RetainedSets:
     """The retained rows of the LM head for the rows of a batch scoring the current token, from
     their start layer on. Every tensor is aligned with the rows still running (`keep` drops the
@@ -61,11 +68,7 @@ class RetainedSets:
     def retain(self) -> None:
         """Take the sets (once per token) for the rows running now."""
         if self.token_ids is None:
-            full_logits, weight = self._source
-            self.token_ids = full_logits.topk(self.k_start, dim=-1).indices  # sorted: score order
-            # index_select on the flat ids: 2.3x faster than weight[ids] at batch 8 (0.9 ms vs 2.1 ms, T5-small)
-            rows, k = self.token_ids.shape
-            self.rows = weight.index_select(0, self.token_ids.reshape(-1)).view(rows, k, weight.shape[1])
+            self.token_ids, self.rows = top_rows(*self._source, self.k_start)
 
     def keep(self, which: torch.Tensor) -> None:
         """Only these rows (positions among the running ones) go on scoring."""
